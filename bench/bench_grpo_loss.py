@@ -1,0 +1,602 @@
+"""Benchmark of the fused lm-head + log-softmax + GRPO loss against its peers, in one process on one card.
+
+Times forward+backward (or the no-grad forward, for logprob-only) of:
+  naive    PyTorch as TRL does it: bf16 logits materialised, fp32 log_softmax, gather, the GRPO loss formulas
+  liger    Liger-Kernel's LigerFusedLinearGRPOLoss (chunked; logprob-only uses its chunk_forward)
+  fusedrl  fusedrl.ops.grpo_loss / fusedrl.ops.selective_logp
+and the floor: one bf16 (N,H) @ (H,V) torch.mm. A mode's floor is that GEMM time times the GEMMs the mode
+needs (frozen lm-head: 2, trainable lm-head: 3, logprob-only: 1).
+
+Reports median ms, peak extra memory (max_memory_allocated over what the inputs already hold; the produced
+gradients count as extra), achieved TFLOP/s (2*N*H*V per needed GEMM), ratio to the floor, speedup over naive
+and the relative error of loss / gradients / logp against the naive path. Prints a table, checks the targets
+at N=16384 and writes every number to --json.
+
+  python bench/bench_grpo_loss.py --quick --json out.json     # GPU: N=16384, Qwen3-4B-like shape
+  python bench/bench_grpo_loss.py --cpu-smoke                 # CPU: tiny shapes, checks every path runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.metadata
+import json
+import math
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+GIB = float(1 << 30)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelShape:
+    name: str
+    hidden: int
+    vocab: int
+
+
+SHAPES: dict[str, ModelShape] = {
+    "qwen3-4b": ModelShape("qwen3-4b", 2560, 151936),
+    "llama3.1-8b": ModelShape("llama3.1-8b", 4096, 128256),
+    "tiny": ModelShape("tiny", 96, 1031),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Mode:
+    name: str
+    gemms: int  # GEMMs of N x H x V the mode needs at least
+    trainable_head: bool
+    level: str | None  # importance_sampling_level; None for logprob-only
+    target_ratio: float  # target: time <= target_ratio * gemms * one GEMM (at the target N)
+    target_extra_gib: float | None  # target: peak extra memory (None: no memory target)
+
+
+MODES: dict[str, Mode] = {
+    "frozen_token": Mode("frozen_token", 2, False, "token", 1.25, 0.5),
+    "frozen_sequence": Mode("frozen_sequence", 2, False, "sequence", 1.25, 0.5),
+    "trainable_token": Mode("trainable_token", 3, True, "token", 1.25, None),
+    "logprob": Mode("logprob", 1, False, None, 1.15, None),
+}
+IMPLS = ("naive", "liger", "fusedrl")
+TARGET_N = 16384
+
+
+@dataclasses.dataclass
+class Inputs:
+    hidden: torch.Tensor  # (B, T, H)
+    weight: torch.Tensor  # (V, H)
+    completion_ids: torch.Tensor  # (B, T) long
+    completion_mask: torch.Tensor  # (B, T) long, whole-row tail masking
+    advantages: torch.Tensor  # (B,) fp32
+    old_logp: torch.Tensor | None  # (B, T) fp32
+
+    def footprint_bytes(self) -> int:
+        tensors = [self.hidden, self.weight, self.completion_ids, self.completion_mask, self.advantages]
+        if self.old_logp is not None:
+            tensors.append(self.old_logp)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+# --------------------------------------------------------------------------------------------- inputs
+
+
+def chunked_logp(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, rows: int = 4096) -> torch.Tensor:
+    """Per-token logp without holding all N x V logits (used only to make realistic old_logp)."""
+    flat_hidden, flat_ids = hidden.reshape(-1, hidden.shape[-1]), ids.reshape(-1)
+    out = torch.empty(flat_ids.shape, dtype=torch.float32, device=hidden.device)
+    with torch.no_grad():
+        for start in range(0, flat_ids.numel(), rows):
+            logits = (flat_hidden[start : start + rows] @ weight.t()).float()
+            out[start : start + rows] = logits.gather(-1, flat_ids[start : start + rows, None]).squeeze(-1) - (
+                logits.logsumexp(-1)
+            )
+    return out.reshape(ids.shape)
+
+
+def make_inputs(
+    shape: ModelShape, n_tokens: int, seq_len: int, masked_fraction: float, dtype: torch.dtype,
+    device: torch.device, seed: int,
+) -> Inputs:
+    """Random inputs; each row keeps a prefix of tokens (a completion) and masks its tail."""
+    if n_tokens % seq_len != 0:
+        raise ValueError(f"n_tokens={n_tokens} must be a multiple of --seq-len={seq_len}")
+    if not 0.0 <= masked_fraction < 1.0:
+        raise ValueError(f"--masked-fraction must be in [0, 1), got {masked_fraction}")
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    batch = n_tokens // seq_len
+    hidden = torch.randn(batch, seq_len, shape.hidden, generator=gen, dtype=torch.float32).to(device, dtype)
+    weight = (torch.randn(shape.vocab, shape.hidden, generator=gen) / math.sqrt(shape.hidden)).to(device, dtype)
+    ids = torch.randint(0, shape.vocab, (batch, seq_len), generator=gen).to(device)
+    # Masked tail length uniform in [0, 2 * masked_fraction * T], so about masked_fraction of tokens are masked.
+    tail = (torch.rand(batch, generator=gen) * 2 * masked_fraction * seq_len).long().clamp(max=seq_len - 1)
+    lengths = seq_len - tail
+    mask = (torch.arange(seq_len)[None, :] < lengths[:, None]).long().to(device)
+    advantages = torch.randn(batch, generator=gen).to(device)
+    logp = chunked_logp(hidden, weight, ids)
+    old_logp = logp + 0.05 * torch.randn(logp.shape, generator=gen).to(device)
+    return Inputs(hidden, weight, ids, mask, advantages, old_logp)
+
+
+# --------------------------------------------------------------------------------------------- naive path
+
+
+def naive_logp(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    logits = hidden @ weight.t()  # (B, T, V) in the input dtype, materialised
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+
+
+def naive_grpo_loss(
+    logp: torch.Tensor, old_logp: torch.Tensor | None, mask: torch.Tensor, advantages: torch.Tensor,
+    level: str, epsilon: float,
+) -> torch.Tensor:
+    """TRL's dapo loss (clipped surrogate, normalised by this batch's active tokens), token or sequence level."""
+    mask = mask.to(logp.dtype)
+    old = logp.detach() if old_logp is None else old_logp
+    log_ratio = logp - old
+    if level == "sequence":
+        log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    coef_1 = torch.exp(log_ratio)
+    coef_2 = torch.clamp(coef_1, 1 - epsilon, 1 + epsilon)
+    adv = advantages.unsqueeze(1)
+    per_token_loss = -torch.min(coef_1 * adv, coef_2 * adv)
+    return (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+# --------------------------------------------------------------------------------------------- implementations
+
+StepResult = dict[str, torch.Tensor]  # "loss" / "logp" -> tensor
+Step = Callable[[], StepResult]
+
+
+def build_naive(inputs: Inputs, mode: Mode, epsilon: float) -> Step:
+    if mode.level is None:
+        def logprob_step() -> StepResult:
+            with torch.no_grad():
+                return {"logp": naive_logp(inputs.hidden, inputs.weight, inputs.completion_ids)}
+        return logprob_step
+
+    def loss_step() -> StepResult:
+        logp = naive_logp(inputs.hidden, inputs.weight, inputs.completion_ids)
+        loss = naive_grpo_loss(logp, inputs.old_logp, inputs.completion_mask, inputs.advantages, mode.level, epsilon)
+        loss.backward()
+        return {"loss": loss.detach()}
+    return loss_step
+
+
+def liger_version() -> str | None:
+    try:
+        return importlib.metadata.version("liger-kernel")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def build_liger(inputs: Inputs, mode: Mode, epsilon: float, compiled: bool) -> Step:
+    """Raises ImportError when Liger is not importable (the caller records the reason)."""
+    if mode.level is None:
+        # Liger exposes no public logprob-only op; its GRPO loss computes logp through this chunked helper.
+        from liger_kernel.chunked_loss.fused_linear_ppo import LigerFusedLinearPPOBase
+
+        def logprob_step() -> StepResult:
+            with torch.no_grad():
+                return {"logp": LigerFusedLinearPPOBase.chunk_forward(
+                    inputs.hidden, inputs.weight, inputs.completion_ids)}
+        return logprob_step
+
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    loss_module = LigerFusedLinearGRPOLoss(
+        beta=0.0, compiled=compiled, use_ref_model=False, chunk_size=1, epsilon_low=epsilon,
+        epsilon_high=epsilon, loss_type="dapo", importance_sampling_level=mode.level, temperature=1.0,
+    )
+
+    def loss_step() -> StepResult:
+        out = loss_module(inputs.hidden, inputs.weight, inputs.completion_ids, inputs.completion_mask,
+                          inputs.advantages, old_per_token_logps=inputs.old_logp)
+        loss = out[0] if isinstance(out, tuple) else out
+        loss.backward()
+        return {"loss": loss.detach()}
+    return loss_step
+
+
+def build_fusedrl(inputs: Inputs, mode: Mode, epsilon: float) -> Step:
+    """Raises ImportError when fusedrl.ops lacks the ops (the caller records the reason)."""
+    from fusedrl.ops import grpo_loss, selective_logp
+
+    if mode.level is None:
+        def logprob_step() -> StepResult:
+            logp, _ = selective_logp(inputs.hidden, inputs.weight, inputs.completion_ids)
+            return {"logp": logp}
+        return logprob_step
+
+    def loss_step() -> StepResult:
+        out = grpo_loss(inputs.hidden, inputs.weight, inputs.completion_ids, inputs.completion_mask,
+                        inputs.advantages, old_logp=inputs.old_logp, loss_type="dapo",
+                        importance_sampling_level=mode.level, epsilon=epsilon)
+        out.loss.backward()
+        return {"loss": out.loss.detach()}
+    return loss_step
+
+
+# --------------------------------------------------------------------------------------------- timing
+
+
+class Clock:
+    """CUDA events on a GPU, perf_counter on the CPU; results in ms."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def time_ms(self, fn: Callable[[], Any]) -> float:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+        begin = time.perf_counter()
+        fn()
+        return (time.perf_counter() - begin) * 1e3
+
+
+def clear_grads(inputs: Inputs) -> None:
+    inputs.hidden.grad = None
+    inputs.weight.grad = None
+
+
+def measure(step: Step, inputs: Inputs, clock: Clock, warmup: int, reps: int, seconds_per_measure: float,
+            device: torch.device) -> tuple[list[float], float | None, StepResult]:
+    """Warm up, measure peak extra memory on one run, then time `reps` runs (fewer when each is slow)."""
+    def run() -> StepResult:
+        clear_grads(inputs)
+        return step()
+
+    first_ms = clock.time_ms(run)  # includes compilation / autotuning
+    for _ in range(max(0, warmup - 1)):
+        if first_ms * warmup > 1e3 * seconds_per_measure:
+            break
+        clock.time_ms(run)
+    peak_extra: float | None = None
+    clear_grads(inputs)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        result = step()
+        torch.cuda.synchronize()
+        peak_extra = (torch.cuda.max_memory_allocated() - base) / GIB
+    else:
+        result = step()
+    steady_ms = clock.time_ms(run)
+    affordable = int(seconds_per_measure * 1e3 / max(steady_ms, 1e-3))
+    times = [steady_ms] + [clock.time_ms(run) for _ in range(max(2, min(reps, affordable)) - 1)]
+    return times, peak_extra, result
+
+
+def rel_err(value: torch.Tensor, reference: torch.Tensor) -> float:
+    value, reference = value.double(), reference.double()
+    denom = reference.norm().item()
+    diff = (value - reference).norm().item()
+    return diff / denom if denom > 0 else diff
+
+
+def snapshot(result: StepResult, inputs: Inputs) -> dict[str, torch.Tensor]:
+    """What a run produced, kept to compare implementations (gradients included)."""
+    out = {k: v.detach().clone() for k, v in result.items()}
+    if inputs.hidden.grad is not None:
+        out["grad_hidden"] = inputs.hidden.grad.detach().clone()
+    if inputs.weight.grad is not None:
+        out["grad_weight"] = inputs.weight.grad.detach().clone()
+    return out
+
+
+# --------------------------------------------------------------------------------------------- driver
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def free_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, device: torch.device) -> None:
+        self.args, self.device = args, device
+        self.clock = Clock(device)
+        self.rows: list[dict[str, Any]] = []
+        self.started = time.monotonic()
+        self.meta = self._meta()
+
+    def _meta(self) -> dict[str, Any]:
+        fusedrl_version = None
+        try:
+            import fusedrl
+
+            fusedrl_version = getattr(fusedrl, "__version__", None)
+        except ImportError:
+            pass
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                    cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            commit = None
+        cuda = self.device.type == "cuda"
+        return {
+            "device": torch.cuda.get_device_name(self.device) if cuda else "cpu",
+            "torch": torch.__version__, "cuda": torch.version.cuda, "liger_kernel": liger_version(),
+            "fusedrl": fusedrl_version, "commit": commit,
+            "allow_tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+            "args": vars(self.args), "target_n": TARGET_N,
+        }
+
+    def over_budget(self) -> bool:
+        return self.args.time_budget > 0 and time.monotonic() - self.started > self.args.time_budget
+
+    def write_json(self) -> None:
+        if self.args.json:
+            Path(self.args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(self.args.json).write_text(json.dumps(
+                {"meta": self.meta, "rows": self.rows, "targets": self.target_checks()}, indent=1))
+
+    def record(self, **row: Any) -> dict[str, Any]:
+        self.rows.append(row)
+        self.write_json()
+        return row
+
+    def run_gemm(self, shape: ModelShape, inputs: Inputs, n_tokens: int) -> float | None:
+        a = inputs.hidden.detach().reshape(-1, shape.hidden)
+        b = inputs.weight.detach().t()  # (H, V) view
+        base = dict(shape=shape.name, n_tokens=n_tokens, mode="gemm", impl="torch.mm")
+        try:
+            times, peak, _ = measure(lambda: {"out": torch.mm(a, b)}, inputs, self.clock, self.args.warmup,
+                                     self.args.reps, self.args.seconds_per_measure, self.device)
+        except Exception as exc:  # noqa: BLE001 - recorded and reported; the bench continues
+            status = "OOM" if is_oom(exc) else f"error: {type(exc).__name__}: {str(exc)[:300]}"
+        else:
+            status = "ok"
+        if status != "ok":
+            free_memory(self.device)  # after the except block: the exception's frames no longer hold tensors
+            self.record(**base, status=status)
+            return None
+        ms = statistics.median(times)
+        flops = 2.0 * n_tokens * shape.hidden * shape.vocab
+        self.record(**base, status="ok", ms=ms, ms_min=min(times), reps=len(times), peak_extra_gib=peak,
+                    tflops=flops / ms / 1e9)
+        return ms
+
+    def run_impl(self, impl: str, shape: ModelShape, mode: Mode, inputs: Inputs, n_tokens: int,
+                 gemm_ms: float | None, reference: dict[str, torch.Tensor] | None,
+                 naive_ms: float | None) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
+        base = dict(shape=shape.name, n_tokens=n_tokens, mode=mode.name, impl=impl)
+        if self.over_budget():
+            return self.record(**base, status="skipped: --time-budget reached"), None
+        inputs.hidden.requires_grad_(mode.level is not None)
+        inputs.weight.requires_grad_(mode.trainable_head)
+        note = None
+        try:
+            if impl == "naive":
+                step = build_naive(inputs, mode, self.args.epsilon)
+            elif impl == "liger":
+                step = build_liger(inputs, mode, self.args.epsilon, compiled=self.args.liger_compiled)
+            else:
+                step = build_fusedrl(inputs, mode, self.args.epsilon)
+        except ImportError as exc:
+            return self.record(**base, status=f"skipped: not importable ({exc})"), None
+        try:
+            try:
+                times, peak, result = measure(step, inputs, self.clock, self.args.warmup, self.args.reps,
+                                              self.args.seconds_per_measure, self.device)
+            except Exception as exc:  # noqa: BLE001 - torch.compile trouble: retry Liger eagerly, say so
+                if impl != "liger" or is_oom(exc) or not self.args.liger_compiled or mode.level is None:
+                    raise
+                note = f"torch.compile failed ({type(exc).__name__}); ran Liger with compiled=False"
+                free_memory(self.device)
+                step = build_liger(inputs, mode, self.args.epsilon, compiled=False)
+                times, peak, result = measure(step, inputs, self.clock, self.args.warmup, self.args.reps,
+                                              self.args.seconds_per_measure, self.device)
+            produced = snapshot(result, inputs)
+        except Exception as exc:  # noqa: BLE001 - recorded and reported; the bench continues
+            if is_oom(exc):
+                status = "OOM"
+            else:
+                status = f"error: {type(exc).__name__}: {str(exc)[:300]}"
+                traceback.print_exc(limit=3)
+        else:
+            status = "ok"
+        clear_grads(inputs)
+        if status != "ok":
+            free_memory(self.device)  # after the except block: the exception's frames no longer hold tensors
+            return self.record(**base, status=status), None
+        ms = statistics.median(times)
+        flops = mode.gemms * 2.0 * n_tokens * shape.hidden * shape.vocab
+        floor_ms = None if gemm_ms is None else mode.gemms * gemm_ms
+        row = dict(
+            **base, status="ok", note=note, ms=ms, ms_min=min(times), reps=len(times), peak_extra_gib=peak,
+            tflops=flops / ms / 1e9, floor_ms=floor_ms, floor_x=None if floor_ms is None else ms / floor_ms,
+            speedup_vs_naive=None if naive_ms is None else naive_ms / ms,
+        )
+        if reference is not None and impl != "naive":
+            row["rel_err_vs_naive"] = {k: rel_err(produced[k], reference[k]) for k in reference if k in produced}
+        free_memory(self.device)
+        return self.record(**row), produced
+
+    def run_config(self, shape: ModelShape, n_tokens: int) -> None:
+        args = self.args
+        try:
+            inputs = make_inputs(shape, n_tokens, args.seq_len, args.masked_fraction, torch.bfloat16,
+                                 self.device, args.seed)
+        except torch.OutOfMemoryError:
+            inputs = None
+        if inputs is None:
+            free_memory(self.device)
+            self.record(shape=shape.name, n_tokens=n_tokens, mode="inputs", impl="-", status="OOM")
+            return
+        masked = 1.0 - inputs.completion_mask.float().mean().item()
+        print(f"[bench] {shape.name} N={n_tokens} (B={n_tokens // args.seq_len}, T={args.seq_len}) masked="
+              f"{masked:.1%} inputs={inputs.footprint_bytes() / GIB:.2f} GiB", flush=True)
+        gemm_ms = self.run_gemm(shape, inputs, n_tokens)
+        for mode_name in args.modes:
+            mode = MODES[mode_name]
+            reference: dict[str, torch.Tensor] | None = None
+            naive_ms: float | None = None
+            for impl in args.impls:
+                row, produced = self.run_impl(impl, shape, mode, inputs, n_tokens, gemm_ms, reference, naive_ms)
+                if impl == "naive" and row["status"] == "ok":
+                    reference, naive_ms = produced, row["ms"]
+                print(f"[bench]   {mode.name:16s} {impl:8s} {format_ms(row)}", flush=True)
+            del reference
+            free_memory(self.device)
+        del inputs
+        free_memory(self.device)
+
+    def target_checks(self) -> list[dict[str, Any]]:
+        checks = []
+        for row in self.rows:
+            if row["impl"] != "fusedrl" or row["n_tokens"] != TARGET_N or row.get("status") != "ok":
+                continue
+            mode = MODES[row["mode"]]
+            if row.get("floor_x") is None:
+                continue
+            time_ok = row["floor_x"] <= mode.target_ratio
+            mem_ok = True
+            if mode.target_extra_gib is not None and row.get("peak_extra_gib") is not None:
+                mem_ok = row["peak_extra_gib"] <= mode.target_extra_gib
+            checks.append(dict(shape=row["shape"], mode=mode.name, floor_x=row["floor_x"],
+                               target_x=mode.target_ratio, peak_extra_gib=row.get("peak_extra_gib"),
+                               target_extra_gib=mode.target_extra_gib, passed=time_ok and mem_ok))
+        return checks
+
+
+# --------------------------------------------------------------------------------------------- report
+
+
+def format_ms(row: dict[str, Any]) -> str:
+    return f"{row['ms']:.2f} ms" if row.get("status") == "ok" else row["status"]
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def print_report(bench: Bench) -> None:
+    meta = bench.meta
+    print(f"\n== GRPO loss bench on {meta['device']} | torch {meta['torch']} cuda {meta['cuda']} | liger "
+          f"{meta['liger_kernel']} | fusedrl {meta['fusedrl']} commit {meta['commit']} | T={bench.args.seq_len} "
+          f"bf16 ==")
+    print("x_floor = ms / (mode's GEMM count x one torch.mm); speedup = naive ms / ms; peak GiB includes grads")
+    header = (f"{'shape':12s} {'N':>6s} {'mode':16s} {'impl':8s} {'ms':>9s} {'peakGiB':>8s} {'TFLOP/s':>8s} "
+              f"{'x_floor':>7s} {'speedup':>7s}  rel_err / status")
+    print(header)
+    print("-" * len(header))
+    for row in bench.rows:
+        if row.get("status") != "ok":
+            print(f"{row['shape']:12s} {row['n_tokens']:>6d} {row['mode']:16s} {row['impl']:8s} {row['status']}")
+            continue
+        errs = row.get("rel_err_vs_naive") or {}
+        err_text = " ".join(f"{k}={v:.1e}" for k, v in errs.items())
+        if row.get("note"):
+            err_text += f" ({row['note']})"
+        print(f"{row['shape']:12s} {row['n_tokens']:>6d} {row['mode']:16s} {row['impl']:8s} {row['ms']:9.2f} "
+              f"{fmt(row.get('peak_extra_gib'), '8.3f')} {fmt(row.get('tflops'), '8.1f')} "
+              f"{fmt(row.get('floor_x'), '7.2f')} {fmt(row.get('speedup_vs_naive'), '7.2f')}  {err_text}")
+    checks = bench.target_checks()
+    print(f"\nTargets (fusedrl at N={TARGET_N}): frozen <= 1.25 x 2 GEMMs and <= 0.5 GiB extra; trainable <= "
+          f"1.25 x 3 GEMMs; logprob <= 1.15 x 1 GEMM")
+    if bench.device.type != "cuda":
+        print("  not evaluated: targets apply to a CUDA device")
+    elif not checks:
+        print(f"  none evaluated (no successful fusedrl row at N={TARGET_N} with a GEMM floor)")
+    for check in checks:
+        mem = "" if check["target_extra_gib"] is None else (
+            f", extra {fmt(check['peak_extra_gib'], '.3f')} GiB (<= {check['target_extra_gib']})")
+        verdict = "PASS" if check["passed"] else "FAIL"
+        print(f"  {verdict} {check['shape']:12s} {check['mode']:16s} {check['floor_x']:.2f} x floor "
+              f"(<= {check['target_x']}){mem}")
+
+
+def parse_list(text: str, allowed: tuple[str, ...] | list[str], what: str) -> list[str]:
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    unknown = [item for item in items if item not in allowed]
+    if unknown or not items:
+        raise SystemExit(f"{what}: expected a comma list of {', '.join(allowed)}; got {text!r}")
+    return items
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="only N=16384 with the qwen3-4b shape")
+    parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU: checks every path runs")
+    parser.add_argument("--shapes", default="qwen3-4b,llama3.1-8b", help=f"comma list of {', '.join(SHAPES)}")
+    parser.add_argument("--n-tokens", default="4096,16384,65536", help="comma list of token counts N = B*T")
+    parser.add_argument("--seq-len", type=int, default=1024, help="completion length T (N must be a multiple)")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma list of {', '.join(MODES)}")
+    parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma list of {', '.join(IMPLS)}")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=7, help="timed runs per measurement (median reported)")
+    parser.add_argument("--seconds-per-measure", type=float, default=4.0,
+                        help="fewer timed runs (at least 2) when they would take longer than this")
+    parser.add_argument("--time-budget", type=float, default=0.0,
+                        help="seconds; once spent, remaining measurements are recorded as skipped (0 = none)")
+    parser.add_argument("--masked-fraction", type=float, default=0.25)
+    parser.add_argument("--epsilon", type=float, default=0.2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-liger-compile", dest="liger_compiled", action="store_false",
+                        help="run Liger with compiled=False (default: its default, compiled=True)")
+    parser.add_argument("--json", default=None, help="write all results to this path")
+    args = parser.parse_args(argv)
+    if args.cpu_smoke:
+        args.shapes, args.n_tokens, args.seq_len = "tiny", "256", 32
+        args.warmup, args.reps, args.liger_compiled = 1, 2, False
+    elif args.quick:
+        args.shapes, args.n_tokens = "qwen3-4b", str(TARGET_N)
+    args.shapes = parse_list(args.shapes, list(SHAPES), "--shapes")
+    args.modes = parse_list(args.modes, list(MODES), "--modes")
+    args.impls = parse_list(args.impls, IMPLS, "--impls")
+    try:
+        args.n_tokens = [int(n) for n in args.n_tokens.split(",")]
+    except ValueError:
+        raise SystemExit(f"--n-tokens: expected a comma list of integers; got {args.n_tokens!r}") from None
+    if args.impls[0] != "naive" and "naive" in args.impls:
+        args.impls.remove("naive")
+        args.impls.insert(0, "naive")  # naive runs first: it is the reference for errors and speedups
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.cpu_smoke:
+        device = torch.device("cpu")
+    elif torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        print("no CUDA device: run with --cpu-smoke for the tiny CPU check", file=sys.stderr)
+        return 2
+    bench = Bench(args, device)
+    for shape_name in args.shapes:
+        for n_tokens in args.n_tokens:
+            bench.run_config(SHAPES[shape_name], n_tokens)
+    bench.write_json()
+    print_report(bench)
+    if args.json:
+        print(f"\nwrote {args.json}")
+    failed = [row for row in bench.rows if str(row.get("status", "")).startswith("error")]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+// bindings.cpp: every fusedrl op, declared once. Read it as the table of contents of torch.ops.fusedrl.
+// Implementations are registered per dispatch key next to each op (fused_linear_logp.cpp: CPU,
+// fused_linear_logp_cuda.cpp: CUDA); Python attaches fakes and autograd in python/fusedrl/ops/.
+#include <torch/library.h>
+
+#include <string>
+
+#ifndef FUSEDRL_CUDA_ARCHS
+#define FUSEDRL_CUDA_ARCHS ""
+#endif
+
+namespace fusedrl {
+namespace {
+
+// "cuda=<archs>" when the CUDA kernels were compiled, else "cuda=none".
+std::string build_info() {
+#ifdef FUSEDRL_WITH_CUDA
+  return std::string("cuda=") + FUSEDRL_CUDA_ARCHS;
+#else
+  return "cuda=none";
+#endif
+}
+
+}  // namespace
+
+TORCH_LIBRARY(fusedrl, m) {
+  // How this extension was built: "cuda=<architectures>" or "cuda=none".
+  m.def("build_info() -> str", &build_info);
+
+  // Chunked lm-head + log-softmax: per-token logp of `targets` under softcap(hidden @ weight^T + bias) / T,
+  // optional entropy, the log-sum-exp (for the backward) and, when compute_grad_direction, d logp / d hidden
+  // per token (N, H) computed in the same pass. Never materialises N x V logits.
+  m.def(
+      "fused_linear_logp(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, float temperature, "
+      "float? logit_softcap, bool return_entropy, bool compute_grad_direction, int? chunk_size) "
+      "-> (Tensor logp, Tensor entropy, Tensor lse, Tensor grad_direction)");
+
+  // Backward of fused_linear_logp for a trainable lm-head: recomputes each chunk's logits, scales
+  // d logp / d raw by grad_logp and returns the gradients selected by output_mask (hidden, weight, bias).
+  m.def(
+      "fused_linear_logp_backward(Tensor grad_logp, Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, "
+      "Tensor lse, float temperature, float? logit_softcap, bool[3] output_mask, int? chunk_size) "
+      "-> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
+}
+
+}  // namespace fusedrl

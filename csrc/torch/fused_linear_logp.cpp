@@ -1,0 +1,218 @@
+// fused_linear_logp.cpp: argument checks and the chunk loop of the fused lm-head + log-softmax op
+// (see fused_linear_logp.h), plus its CPU registration.
+#include "fused_linear_logp.h"
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+namespace fusedrl {
+namespace {
+
+// Logits buffer budget per chunk: large enough for efficient GEMMs, small against model memory.
+constexpr int64_t kCudaChunkBytes = 256LL << 20;
+constexpr int64_t kCpuChunkBytes = 16LL << 20;
+
+ScalarKind scalar_kind(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return ScalarKind::kFloat32;
+    case at::kDouble: return ScalarKind::kFloat64;
+    case at::kHalf: return ScalarKind::kFloat16;
+    case at::kBFloat16: return ScalarKind::kBFloat16;
+    default: TORCH_CHECK(false, "fused_linear_logp: hidden must be float16, bfloat16, float32 or float64, got ", t);
+  }
+}
+
+at::ScalarType accumulation_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                  const at::Tensor& targets, double temperature, std::optional<double> logit_softcap,
+                  std::optional<int64_t> chunk_size) {
+  TORCH_CHECK(hidden.dim() == 2, "fused_linear_logp: hidden must be 2-D (N, H), got shape ", hidden.sizes());
+  TORCH_CHECK(weight.dim() == 2, "fused_linear_logp: weight must be 2-D (V, H), got shape ", weight.sizes());
+  TORCH_CHECK(weight.size(1) == hidden.size(1), "fused_linear_logp: weight (V, H) must have H = hidden.size(1) = ",
+              hidden.size(1), ", got weight shape ", weight.sizes());
+  TORCH_CHECK(weight.size(0) >= 1, "fused_linear_logp: weight must have at least one row (vocabulary entry)");
+  scalar_kind(hidden.scalar_type());
+  TORCH_CHECK(weight.scalar_type() == hidden.scalar_type(), "fused_linear_logp: weight dtype ",
+              weight.scalar_type(), " must equal hidden dtype ", hidden.scalar_type());
+  TORCH_CHECK(weight.device() == hidden.device(), "fused_linear_logp: weight is on ", weight.device(),
+              " but hidden is on ", hidden.device());
+  if (bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "fused_linear_logp: bias must have shape (",
+                weight.size(0), ",), got ", bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == hidden.scalar_type(), "fused_linear_logp: bias dtype ", bias->scalar_type(),
+                " must equal hidden dtype ", hidden.scalar_type());
+    TORCH_CHECK(bias->device() == hidden.device(), "fused_linear_logp: bias is on ", bias->device(),
+                " but hidden is on ", hidden.device());
+  }
+  TORCH_CHECK(targets.dim() == 1 && targets.size(0) == hidden.size(0),
+              "fused_linear_logp: targets must have shape (N,) = (", hidden.size(0), ",), got ", targets.sizes());
+  TORCH_CHECK(targets.scalar_type() == at::kLong, "fused_linear_logp: targets must be int64, got ",
+              targets.scalar_type());
+  TORCH_CHECK(targets.device() == hidden.device(), "fused_linear_logp: targets is on ", targets.device(),
+              " but hidden is on ", hidden.device());
+  TORCH_CHECK(temperature > 0.0, "fused_linear_logp: temperature must be > 0, got ", temperature);
+  TORCH_CHECK(!logit_softcap || *logit_softcap > 0.0, "fused_linear_logp: logit_softcap must be > 0 or None, got ",
+              logit_softcap.value_or(0.0));
+  TORCH_CHECK(!chunk_size || *chunk_size >= 1, "fused_linear_logp: chunk_size must be >= 1, got ",
+              chunk_size.value_or(0));
+  if (targets.numel() > 0) {
+    const auto [lo, hi] = at::aminmax(targets);
+    const int64_t lo_v = lo.item<int64_t>(), hi_v = hi.item<int64_t>();
+    TORCH_CHECK(lo_v >= 0 && hi_v < weight.size(0), "fused_linear_logp: target ids must lie in [0, ", weight.size(0),
+                "), got values in [", lo_v, ", ", hi_v, "]");
+  }
+}
+
+int64_t rows_per_chunk(const at::Tensor& hidden, int64_t vocab, std::optional<int64_t> chunk_size) {
+  if (chunk_size) return *chunk_size;
+  const int64_t budget = hidden.is_cuda() ? kCudaChunkBytes : kCpuChunkBytes;
+  return std::max<int64_t>(1, budget / (vocab * hidden.element_size()));
+}
+
+// logits <- hidden_chunk @ weight^T (+ bias)
+void chunk_logits(at::Tensor& logits, const at::Tensor& hidden_chunk, const at::Tensor& weight,
+                  const std::optional<at::Tensor>& bias) {
+  if (bias) {
+    at::addmm_out(logits, *bias, hidden_chunk, weight.t());
+  } else {
+    at::mm_out(logits, hidden_chunk, weight.t());
+  }
+}
+
+LogpRowsParams row_params(at::Tensor& logits, const at::Tensor& targets, int64_t start, double temperature,
+                          std::optional<double> logit_softcap, RowMode mode) {
+  LogpRowsParams p;
+  p.logits = logits.data_ptr();
+  p.ld = logits.stride(0);
+  p.targets = targets.data_ptr<int64_t>() + start;
+  p.rows = logits.size(0);
+  p.vocab = logits.size(1);
+  p.kind = scalar_kind(logits.scalar_type());
+  p.mode = mode;
+  p.inv_temperature = 1.0 / temperature;
+  p.softcap = logit_softcap.value_or(0.0);
+  return p;
+}
+
+// Pointer to element `start` of a 1-D accumulation-type tensor, or null for an empty one.
+void* acc_ptr(const at::Tensor& t, int64_t start) {
+  if (t.numel() == 0) return nullptr;
+  return static_cast<char*>(t.data_ptr()) + start * t.element_size();
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_logp(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& targets, double temperature, std::optional<double> logit_softcap, bool return_entropy,
+    bool compute_grad_direction, std::optional<int64_t> chunk_size, const RowPassRunner& run_rows) {
+  check_inputs(hidden, weight, bias, targets, temperature, logit_softcap, chunk_size);
+  const int64_t n = hidden.size(0), vocab = weight.size(0);
+  const auto acc_options = hidden.options().dtype(accumulation_type(hidden.scalar_type()));
+  at::Tensor logp = at::empty({n}, acc_options);
+  at::Tensor lse = at::empty({n}, acc_options);
+  at::Tensor entropy = at::empty({return_entropy ? n : 0}, acc_options);
+  at::Tensor grad_direction =
+      compute_grad_direction ? at::empty({n, hidden.size(1)}, hidden.options()) : at::empty({0}, hidden.options());
+  const at::Tensor targets_c = targets.contiguous();
+  const int64_t chunk = rows_per_chunk(hidden, vocab, chunk_size);
+  at::Tensor buffer = at::empty({std::min(chunk, std::max<int64_t>(n, 1)), vocab}, hidden.options());
+
+  for (int64_t start = 0; start < n; start += chunk) {
+    const int64_t rows = std::min(chunk, n - start);
+    at::Tensor logits = buffer.narrow(0, 0, rows);
+    chunk_logits(logits, hidden.narrow(0, start, rows), weight, bias);
+    LogpRowsParams p = row_params(logits, targets_c, start, temperature, logit_softcap,
+                                  compute_grad_direction ? RowMode::kDirection : RowMode::kStats);
+    p.logp = acc_ptr(logp, start);
+    p.lse = acc_ptr(lse, start);
+    p.entropy = return_entropy ? acc_ptr(entropy, start) : nullptr;
+    run_rows(p);
+    if (compute_grad_direction) {
+      at::Tensor out = grad_direction.narrow(0, start, rows);
+      at::mm_out(out, logits, weight);
+    }
+  }
+  return {logp, entropy, lse, grad_direction};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_logp_backward(
+    const at::Tensor& grad_logp, const at::Tensor& hidden, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& targets, const at::Tensor& lse, double temperature,
+    std::optional<double> logit_softcap, std::array<bool, 3> output_mask, std::optional<int64_t> chunk_size,
+    const RowPassRunner& run_rows) {
+  check_inputs(hidden, weight, bias, targets, temperature, logit_softcap, chunk_size);
+  const int64_t n = hidden.size(0), vocab = weight.size(0);
+  const auto acc_type = accumulation_type(hidden.scalar_type());
+  TORCH_CHECK(grad_logp.dim() == 1 && grad_logp.size(0) == n, "fused_linear_logp_backward: grad_logp must have shape (",
+              n, ",), got ", grad_logp.sizes());
+  TORCH_CHECK(lse.dim() == 1 && lse.size(0) == n && lse.scalar_type() == acc_type,
+              "fused_linear_logp_backward: lse must be (", n, ",) of dtype ", acc_type, ", got ", lse.sizes(), " ",
+              lse.scalar_type());
+  TORCH_CHECK(grad_logp.device() == hidden.device() && lse.device() == hidden.device(),
+              "fused_linear_logp_backward: grad_logp and lse must be on ", hidden.device());
+  const bool want_hidden = output_mask[0], want_weight = output_mask[1], want_bias = output_mask[2] && bias;
+  at::Tensor grad_hidden = want_hidden ? at::empty({n, hidden.size(1)}, hidden.options()) : at::empty({0}, hidden.options());
+  at::Tensor grad_weight = want_weight ? at::zeros_like(weight, at::MemoryFormat::Contiguous) : at::empty({0}, weight.options());
+  at::Tensor grad_bias = want_bias ? at::zeros({vocab}, weight.options()) : at::empty({0}, weight.options());
+  if (!want_hidden && !want_weight && !want_bias) return {grad_hidden, grad_weight, grad_bias};
+
+  const at::Tensor scale = grad_logp.to(acc_type).contiguous();
+  const at::Tensor lse_c = lse.contiguous();
+  const at::Tensor targets_c = targets.contiguous();
+  const int64_t chunk = rows_per_chunk(hidden, vocab, chunk_size);
+  at::Tensor buffer = at::empty({std::min(chunk, std::max<int64_t>(n, 1)), vocab}, hidden.options());
+
+  for (int64_t start = 0; start < n; start += chunk) {
+    const int64_t rows = std::min(chunk, n - start);
+    const at::Tensor h = hidden.narrow(0, start, rows);
+    at::Tensor logits = buffer.narrow(0, 0, rows);
+    chunk_logits(logits, h, weight, bias);
+    LogpRowsParams p = row_params(logits, targets_c, start, temperature, logit_softcap, RowMode::kScaledGrad);
+    p.lse_in = acc_ptr(lse_c, start);
+    p.row_scale = acc_ptr(scale, start);
+    run_rows(p);
+    if (want_hidden) {
+      at::Tensor out = grad_hidden.narrow(0, start, rows);
+      at::mm_out(out, logits, weight);
+    }
+    if (want_weight) grad_weight.addmm_(logits.t(), h);
+    if (want_bias) grad_bias.add_(logits.sum(0));
+  }
+  return {grad_hidden, grad_weight, grad_bias};
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// CPU registration
+
+namespace {
+
+void run_rows_cpu(const LogpRowsParams& p) {
+  at::parallel_for(0, p.rows, 1, [&](int64_t begin, int64_t end) { logp_rows_cpu(p, begin, end); });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_logp_cpu(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& targets, double temperature, std::optional<double> logit_softcap, bool return_entropy,
+    bool compute_grad_direction, std::optional<int64_t> chunk_size) {
+  return fused_linear_logp(hidden, weight, bias, targets, temperature, logit_softcap, return_entropy,
+                           compute_grad_direction, chunk_size, run_rows_cpu);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_logp_backward_cpu(
+    const at::Tensor& grad_logp, const at::Tensor& hidden, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& targets, const at::Tensor& lse, double temperature,
+    std::optional<double> logit_softcap, std::array<bool, 3> output_mask, std::optional<int64_t> chunk_size) {
+  return fused_linear_logp_backward(grad_logp, hidden, weight, bias, targets, lse, temperature, logit_softcap,
+                                    output_mask, chunk_size, run_rows_cpu);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedrl, CPU, m) {
+  m.impl("fused_linear_logp", &fused_linear_logp_cpu);
+  m.impl("fused_linear_logp_backward", &fused_linear_logp_backward_cpu);
+}
+
+}  // namespace fusedrl

@@ -1,0 +1,36 @@
+// fused_linear_logp: the chunked lm-head + log-softmax op, shared by the CPU and CUDA registrations.
+//
+// hidden (N, H) @ weight (V, H)^T (+ bias) is computed a chunk of tokens at a time into one reusable
+// (chunk, V) buffer (ATen GEMMs: cuBLAS on CUDA, the CPU BLAS otherwise); the row pass of
+// csrc/kernels/logp_rows.h turns each chunk into per-token logp / lse / entropy and, when asked, into
+// d logp / d raw, which a second GEMM turns into d logp / d hidden. Extra memory: one chunk of logits plus
+// the (N, H) gradient direction; never N x V.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <functional>
+#include <optional>
+#include <tuple>
+
+#include "../kernels/logp_rows.h"
+
+namespace fusedrl {
+
+// Runs the row pass over all rows of one chunk on the device of the tensors.
+using RowPassRunner = std::function<void(const LogpRowsParams&)>;
+
+// -> (logp (N) acc, entropy (N) acc or (0), lse (N) acc, grad_direction (N, H) hidden dtype or (0))
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_logp(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& targets, double temperature, std::optional<double> logit_softcap, bool return_entropy,
+    bool compute_grad_direction, std::optional<int64_t> chunk_size, const RowPassRunner& run_rows);
+
+// -> (grad_hidden (N, H) or (0), grad_weight (V, H) or (0), grad_bias (V) or (0)), each only if requested
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_logp_backward(
+    const at::Tensor& grad_logp, const at::Tensor& hidden, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& targets, const at::Tensor& lse, double temperature,
+    std::optional<double> logit_softcap, std::array<bool, 3> output_mask, std::optional<int64_t> chunk_size,
+    const RowPassRunner& run_rows);
+
+}  // namespace fusedrl

@@ -1,0 +1,68 @@
+"""The generation buffer: when to sample a new generation batch and which stored micro-batch to train on.
+
+TRL's rule (`GRPOTrainer._prepare_inputs`): micro-step `s` (counting every micro-batch the trainer consumes) starts a
+new generation round when `s % (steps_per_generation * num_iterations) == 0`; it trains on slice
+`s % steps_per_generation` of the stored round. So a round of `steps_per_generation` micro-batches is walked through
+`num_iterations` times before the next round is sampled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Generic, TypeVar
+
+MicroBatch = TypeVar("MicroBatch")
+
+
+class GenerationBuffer(Generic[MicroBatch]):
+    """Holds the micro-batches of the current generation round and hands them out in TRL's order.
+
+    `produce_round()` must return exactly `steps_per_generation` micro-batches; it is called lazily, on the first
+    micro-step of each round.
+    """
+
+    def __init__(
+        self,
+        produce_round: Callable[[], Sequence[MicroBatch]],
+        *,
+        steps_per_generation: int,
+        num_iterations: int,
+    ) -> None:
+        if steps_per_generation < 1:
+            raise ValueError(f"steps_per_generation must be >= 1, got {steps_per_generation}")
+        if num_iterations < 1:
+            raise ValueError(f"num_iterations must be >= 1, got {num_iterations}")
+        self._produce_round = produce_round
+        self.steps_per_generation = steps_per_generation
+        self.num_iterations = num_iterations
+        self.micro_step = 0
+        self.rounds_generated = 0
+        self._stored: list[MicroBatch] | None = None
+
+    @property
+    def generate_every(self) -> int:
+        """Micro-steps between two generation rounds."""
+        return self.steps_per_generation * self.num_iterations
+
+    def needs_generation(self) -> bool:
+        return self._stored is None or self.micro_step % self.generate_every == 0
+
+    def next(self) -> MicroBatch:
+        """The micro-batch for the current micro-step; samples a new round first when one is due."""
+        if self.needs_generation():
+            stored = list(self._produce_round())
+            if len(stored) != self.steps_per_generation:
+                raise RuntimeError(
+                    f"a generation round produced {len(stored)} micro-batches, expected steps_per_generation="
+                    f"{self.steps_per_generation}"
+                )
+            self._stored = stored
+            self.rounds_generated += 1
+        assert self._stored is not None
+        micro_batch = self._stored[self.micro_step % self.steps_per_generation]
+        self.micro_step += 1
+        return micro_batch
+
+    def clear(self) -> None:
+        """Forget the stored round (e.g. after loading a checkpoint): the next call samples a new one."""
+        self._stored = None

@@ -1,0 +1,346 @@
+"""GRPOConfig: every knob of a fusedrl GRPO run, with TRL's field names, meanings and defaults.
+
+Fields shared with TRL's ``GRPOConfig`` (and the ``transformers.TrainingArguments`` fields it inherits) keep TRL's
+name, meaning and default, including TRL's overrides of the TrainingArguments defaults (``learning_rate=1e-6``,
+``logging_steps=10``, ``gradient_checkpointing=True``, bf16 by default). Fields that are ours are marked "(fusedrl)"
+in the attribute list below. Derived values (``steps_per_generation``, ``generation_batch_size``, ``epsilon_high``)
+are resolved in ``__post_init__`` the way TRL resolves them for a single process, and invalid combinations raise
+``ValueError`` at construction with a message naming the field and what to change.
+
+``to_dict`` / ``from_dict`` round-trip the config through plain dicts (the CLI's TOML files use the same names).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+SCALE_REWARDS = ("group", "batch", "none")
+VLLM_IMPORTANCE_SAMPLING_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+OPTIMIZERS = ("adamw_torch", "adamw_8bit")
+LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+def _one_of(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}.")
+
+
+@dataclass
+class GRPOConfig:
+    """Configuration of a GRPO-family training run.
+
+    Optimisation (TRL / TrainingArguments names and defaults):
+        learning_rate: initial learning rate of the optimizer (TRL default 1e-6).
+        per_device_train_batch_size: completions per micro-batch (forward/backward pass).
+        gradient_accumulation_steps: micro-batches accumulated per optimizer step.
+        max_steps: total optimizer steps; -1 means "derive from num_train_epochs".
+        num_train_epochs: passes over the prompt dataset when max_steps is -1.
+        optim: (fusedrl subset of TrainingArguments' optim) "adamw_torch" (torch.optim.AdamW) or "adamw_8bit"
+            (bitsandbytes AdamW8bit, GPU only). TRL's default "adamw_torch_fused" is not accepted: use "adamw_torch".
+        lr_scheduler_type: "linear", "cosine", "constant" or "constant_with_warmup", passed to
+            ``transformers.get_scheduler``.
+        warmup_ratio: fraction of the total steps used for linear warmup (used when warmup_steps is 0).
+        warmup_steps: number of warmup steps; if > 0 it takes precedence over warmup_ratio (see get_warmup_steps).
+        weight_decay, adam_beta1, adam_beta2, adam_epsilon: AdamW hyper-parameters.
+        max_grad_norm: gradient clipping norm; 0 disables clipping.
+        seed: random seed set at the start of training (sampling, shuffling, LoRA init).
+
+    Generation:
+        num_generations: completions sampled per prompt (group size G); must be >= 2.
+        generation_batch_size: completions generated in one rollout; defaults to
+            per_device_train_batch_size * steps_per_generation. Mutually exclusive with steps_per_generation.
+        steps_per_generation: micro-batches trained on per rollout; defaults to gradient_accumulation_steps.
+        num_iterations: optimisation passes over each generated batch (mu in the GRPO paper).
+        max_prompt_length: (TRL <= 0.24 field, removed later) prompts longer than this many tokens are truncated
+            from the left; None keeps whole prompts.
+        max_completion_length: maximum number of generated tokens per completion.
+        temperature, top_p, top_k (0 = off), min_p (None = off), repetition_penalty: sampling parameters.
+
+    Loss (see fusedrl.ops.grpo_loss, same names):
+        beta: KL coefficient (k3 estimator to the reference model); 0 means no reference model is used.
+        epsilon, epsilon_high (defaults to epsilon), delta (two-sided clipping bound, None = off): clipping.
+        loss_type: one of "grpo", "bnpo", "dr_grpo", "dapo" (default), "cispo", "sapo", "luspo". TRL's "vespo" is
+            not supported yet.
+        importance_sampling_level: "token" or "sequence" (GSPO).
+        sapo_temperature_pos, sapo_temperature_neg: SAPO gate temperatures.
+        mask_truncated_completions: exclude completions without EOS from the loss.
+        vllm_importance_sampling_correction, vllm_importance_sampling_mode, vllm_importance_sampling_clip_min,
+            vllm_importance_sampling_clip_max: correction for the mismatch between the rollout engine's logprobs and
+            the trainer's (applied whatever engine produced the rollout).
+
+    Rewards:
+        scale_rewards: "group" (default, divide by the group's std), "batch" (by the batch std) or "none";
+            True/False are accepted and mapped to "group"/"none" like TRL.
+        reward_weights: one weight per reward function (None = all 1.0). Its length is checked by the trainer,
+            which is the first to know how many reward functions there are.
+
+    Precision and memory:
+        dtype: (fusedrl; replaces TrainingArguments' bf16/fp16 flags) "bfloat16" (default, like TRL's bf16=True),
+            "float16" (the trainer then applies dynamic loss scaling) or "float32".
+        gradient_checkpointing: recompute activations in backward (TRL default True).
+        disable_dropout: set every dropout probability in the model to 0.
+
+    Data, logging and checkpoints:
+        shuffle_dataset: shuffle the prompt dataset.
+        logging_steps: optimizer steps between two log lines (TRL default 10).
+        log_completions: print a sample of (prompt, completion, rewards) every logging_steps.
+        num_completions_to_print: how many completions log_completions prints (None = all).
+        save_steps: optimizer steps between checkpoints; (fusedrl) 0 disables intermediate checkpoints.
+        save_total_limit: keep at most this many checkpoints (None = keep all).
+        output_dir: where checkpoints and logs go (TrainingArguments' default "trainer_output").
+    """
+
+    # Optimisation
+    learning_rate: float = 1e-6
+    per_device_train_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    max_steps: int = -1
+    num_train_epochs: float = 3.0
+    optim: str = "adamw_torch"
+    lr_scheduler_type: str = "linear"
+    warmup_ratio: float = 0.0
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    seed: int = 42
+
+    # Generation
+    num_generations: int = 8
+    generation_batch_size: int | None = None
+    steps_per_generation: int | None = None
+    num_iterations: int = 1
+    max_prompt_length: int | None = 512
+    max_completion_length: int = 512
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
+
+    # Loss
+    beta: float = 0.0
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    delta: float | None = None
+    loss_type: str = "dapo"
+    importance_sampling_level: str = "token"
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
+    mask_truncated_completions: bool = False
+    vllm_importance_sampling_correction: bool = True
+    vllm_importance_sampling_mode: str = "sequence_mask"
+    vllm_importance_sampling_clip_min: float | None = None
+    vllm_importance_sampling_clip_max: float | None = 3.0
+
+    # Rewards
+    scale_rewards: str = "group"
+    reward_weights: list[float] | None = None
+
+    # Precision and memory
+    dtype: str = "bfloat16"
+    gradient_checkpointing: bool = True
+    disable_dropout: bool = False
+
+    # Data, logging and checkpoints
+    shuffle_dataset: bool = True
+    logging_steps: int = 10
+    log_completions: bool = False
+    num_completions_to_print: int | None = None
+    save_steps: int = 500
+    save_total_limit: int | None = None
+    output_dir: str = "trainer_output"
+
+    def __post_init__(self) -> None:
+        # Same bool mapping as TRL.
+        if isinstance(self.scale_rewards, bool):
+            self.scale_rewards = "group" if self.scale_rewards else "none"
+
+        _one_of("loss_type", self.loss_type, LOSS_TYPES)
+        _one_of("importance_sampling_level", self.importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS)
+        _one_of("scale_rewards", self.scale_rewards, SCALE_REWARDS)
+        _one_of("vllm_importance_sampling_mode", self.vllm_importance_sampling_mode, VLLM_IMPORTANCE_SAMPLING_MODES)
+        _one_of("optim", self.optim, OPTIMIZERS)
+        _one_of("lr_scheduler_type", self.lr_scheduler_type, LR_SCHEDULERS)
+        _one_of("dtype", self.dtype, DTYPES)
+
+        self._check_positive_ints()
+        self._check_ranges()
+        self._resolve_generation_batch()
+
+        if self.epsilon_high is None:
+            self.epsilon_high = self.epsilon
+        if self.reward_weights is not None:
+            self.reward_weights = [float(w) for w in self.reward_weights]
+
+        clip_min, clip_max = self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max
+        if clip_min is not None and clip_max is not None and clip_min >= clip_max:
+            raise ValueError(
+                f"vllm_importance_sampling_clip_min ({clip_min}) must be less than "
+                f"vllm_importance_sampling_clip_max ({clip_max})."
+            )
+        if (
+            self.vllm_importance_sampling_correction
+            and self.vllm_importance_sampling_mode.endswith("_truncate")
+            and clip_min is None
+            and clip_max is None
+        ):
+            raise ValueError(
+                "At least one of vllm_importance_sampling_clip_min or vllm_importance_sampling_clip_max must be set "
+                f"when vllm_importance_sampling_mode is {self.vllm_importance_sampling_mode!r}."
+            )
+        if self.loss_type == "luspo" and self.importance_sampling_level != "sequence":
+            warnings.warn(
+                "loss_type='luspo' is meant to be used with importance_sampling_level='sequence' (the paper's setup).",
+                stacklevel=3,
+            )
+
+    def _check_positive_ints(self) -> None:
+        for name in (
+            "per_device_train_batch_size",
+            "gradient_accumulation_steps",
+            "num_iterations",
+            "max_completion_length",
+            "logging_steps",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+        for name in ("max_prompt_length", "num_completions_to_print", "save_total_limit"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}.")
+        if not isinstance(self.num_generations, int) or self.num_generations < 2:
+            raise ValueError(
+                "GRPO needs at least 2 generations per prompt to compute advantages: set num_generations >= 2, "
+                f"got {self.num_generations!r}."
+            )
+        if self.max_steps != -1 and self.max_steps < 1:
+            raise ValueError(f"max_steps must be -1 (use num_train_epochs) or >= 1, got {self.max_steps}.")
+        if self.max_steps == -1 and not self.num_train_epochs > 0:
+            raise ValueError(f"num_train_epochs must be > 0 when max_steps is -1, got {self.num_train_epochs}.")
+        if self.save_steps < 0:
+            raise ValueError(f"save_steps must be >= 0 (0 disables checkpoints), got {self.save_steps}.")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}.")
+
+    def _check_ranges(self) -> None:
+        if not self.learning_rate >= 0:
+            raise ValueError(f"learning_rate must be >= 0, got {self.learning_rate}.")
+        if not self.beta >= 0:
+            raise ValueError(f"beta (KL coefficient) must be >= 0, got {self.beta}.")
+        if not self.temperature > 0:
+            raise ValueError(
+                f"temperature must be > 0, got {self.temperature}; for greedy decoding use a small temperature or "
+                "top_k=1."
+            )
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 disables top-k), got {self.top_k}.")
+        if self.min_p is not None and not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be None or in [0, 1], got {self.min_p}.")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}.")
+        if not self.epsilon >= 0:
+            raise ValueError(f"epsilon must be >= 0, got {self.epsilon}.")
+        if self.epsilon_high is not None and not self.epsilon_high >= 0:
+            raise ValueError(f"epsilon_high must be None or >= 0, got {self.epsilon_high}.")
+        if self.delta is not None and not self.delta > 1:
+            raise ValueError(f"delta must be None or > 1 (recommended > 1 + epsilon), got {self.delta}.")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
+        if not self.max_grad_norm >= 0:
+            raise ValueError(f"max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm}.")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}.")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}.")
+
+    def _resolve_generation_batch(self) -> None:
+        # Single process: TRL's global batch (per_device * num_processes) is per_device_train_batch_size here.
+        micro = self.per_device_train_batch_size
+        if self.generation_batch_size is not None and self.steps_per_generation is not None:
+            raise ValueError(
+                "generation_batch_size and steps_per_generation cannot both be set: set one of them and leave the "
+                "other None (it is derived)."
+            )
+        if self.generation_batch_size is None:
+            if self.steps_per_generation is None:
+                self.steps_per_generation = self.gradient_accumulation_steps
+            if self.steps_per_generation < 1:
+                raise ValueError(f"steps_per_generation must be >= 1, got {self.steps_per_generation}.")
+            self.generation_batch_size = micro * self.steps_per_generation
+        else:
+            if self.generation_batch_size < 1 or self.generation_batch_size % micro != 0:
+                raise ValueError(
+                    f"generation_batch_size ({self.generation_batch_size}) must be a positive multiple of "
+                    f"per_device_train_batch_size ({micro})."
+                )
+            self.steps_per_generation = self.generation_batch_size // micro
+        if self.generation_batch_size % self.num_generations != 0:
+            raise ValueError(
+                f"generation_batch_size ({self.generation_batch_size} = per_device_train_batch_size "
+                f"{micro} x steps_per_generation {self.steps_per_generation}) must be divisible by num_generations "
+                f"({self.num_generations}) so every rollout holds whole prompt groups: change num_generations, "
+                "per_device_train_batch_size, gradient_accumulation_steps or steps_per_generation."
+            )
+
+    # ------------------------------------------------------------------------------------------------------------
+    @property
+    def prompts_per_generation(self) -> int:
+        """Distinct prompts in one rollout (generation_batch_size / num_generations)."""
+        assert self.generation_batch_size is not None
+        return self.generation_batch_size // self.num_generations
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The torch dtype named by `dtype`."""
+        import torch
+
+        return getattr(torch, self.dtype)
+
+    def get_warmup_steps(self, num_training_steps: int) -> int:
+        """Warmup steps for a run of num_training_steps: warmup_steps if > 0, else ceil(warmup_ratio * total)."""
+        if self.warmup_steps > 0:
+            return int(self.warmup_steps)
+        return math.ceil(num_training_steps * self.warmup_ratio)
+
+    def to_dict(self) -> dict[str, Any]:
+        """All fields as plain Python values (derived fields included); from_dict(to_dict()) gives an equal config."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {name: list(value) if isinstance(value, list) else value for name, value in values.items()}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> GRPOConfig:
+        """Build a config from a dict (e.g. a TOML table); unknown keys raise ValueError naming close matches."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = [key for key in values if key not in known]
+        if unknown:
+            hints = []
+            for key in unknown:
+                close = difflib.get_close_matches(key, sorted(known), n=3, cutoff=0.6)
+                hints.append(f"{key!r} (did you mean {', '.join(map(repr, close))}?)" if close else repr(key))
+            raise ValueError(f"Unknown GRPOConfig field(s): {'; '.join(hints)}.")
+        values = dict(values)
+        # A dict produced by to_dict() carries both derived batch fields; TRL allows only one as input, so drop the
+        # derived one when it is consistent with the other.
+        gbs, spg = values.get("generation_batch_size"), values.get("steps_per_generation")
+        micro = values.get("per_device_train_batch_size", cls.per_device_train_batch_size)
+        if gbs is not None and spg is not None and gbs == micro * spg:
+            values["generation_batch_size"] = None
+        return cls(**values)
