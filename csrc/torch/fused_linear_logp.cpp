@@ -189,7 +189,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_logp_backward(
 namespace {
 
 void run_rows_cpu(const LogpRowsParams& p) {
-  at::parallel_for(0, p.rows, 1, [&](int64_t begin, int64_t end) { logp_rows_cpu(p, begin, end); });
+  // At least ~64K logits per task: waking a thread costs more than a few small rows.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(p.vocab, 1));
+  at::parallel_for(0, p.rows, grain, [&](int64_t begin, int64_t end) { logp_rows_cpu(p, begin, end); });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_logp_cpu(

@@ -113,10 +113,12 @@ def _normalise(per_token, active, mask, opts: LossOptions, num_items_in_batch):
 def _metrics(ratio, clip_ratio_source, adv, active, mask, opts: LossOptions, kl, entropy, sampler_weight):
     count = mask.sum().clamp(min=1.0)
 
-    def masked_mean(x):
-        if x.shape[-1] == 1:  # one value per sequence (sequence-level importance sampling)
+    def masked_mean(x, per_sequence=False):
+        if per_sequence and x.shape[-1] == 1:  # one value per sequence (sequence-level importance sampling)
             return x.mean()
         return torch.where(active, x, 0.0).sum() / count
+
+    sequence_level = opts.importance_sampling_level == "sequence"
 
     metrics: dict[str, torch.Tensor] = {}
     if kl is not None:
@@ -126,11 +128,12 @@ def _metrics(ratio, clip_ratio_source, adv, active, mask, opts: LossOptions, kl,
     if opts.loss_type in PPO_CLIPPED_LOSS_TYPES:
         low = (clip_ratio_source < 1.0 - opts.epsilon_low) & (adv < 0)
         high = (clip_ratio_source > 1.0 + opts.epsilon_upper) & (adv > 0)
-        metrics["clip_ratio/low_mean"] = masked_mean(low.to(mask.dtype))
-        metrics["clip_ratio/high_mean"] = masked_mean(high.to(mask.dtype))
-        metrics["clip_ratio/region_mean"] = masked_mean((low | high).to(mask.dtype))
+        metrics["clip_ratio/low_mean"] = masked_mean(low.to(mask.dtype), sequence_level)
+        metrics["clip_ratio/high_mean"] = masked_mean(high.to(mask.dtype), sequence_level)
+        metrics["clip_ratio/region_mean"] = masked_mean((low | high).to(mask.dtype), sequence_level)
     elif opts.loss_type == "cispo":
-        metrics["clip_ratio/cispo_mean"] = masked_mean(((clip_ratio_source > opts.epsilon_upper) & (adv > 0)).to(mask.dtype))
+        metrics["clip_ratio/cispo_mean"] = masked_mean(((clip_ratio_source > opts.epsilon_upper) & (adv > 0)).to(mask.dtype),
+                                                     sequence_level)
     metrics.update(_ratio_stats("is_ratio", ratio, active))
     if sampler_weight is not None:
         metrics.update(_ratio_stats("sampling_is_ratio", sampler_weight, active))

@@ -127,7 +127,9 @@ def grpo_loss_reference(
     completion_token_count = mask.sum().clamp(min=1.0)
 
     def masked_batch_mean(x):
-        return x.mean() if x.shape[1] == 1 else (x * mask).sum() / completion_token_count
+        # TRL tests x.shape[1] == 1 to spot per-sequence values, which misfires when T == 1; test the level instead.
+        per_sequence = importance_sampling_level == "sequence" and x.shape[1] == 1
+        return x.mean() if per_sequence else (x * mask).sum() / completion_token_count
 
     metrics = {}
     with torch.no_grad():
