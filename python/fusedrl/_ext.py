@@ -11,7 +11,16 @@ _loaded = False
 
 
 def library_path() -> Path:
-    return Path(__file__).resolve().parent / f"{LIBRARY_NAME}.so"
+    """The library inside the package; an editable install keeps it in site-packages while the Python sources
+    stay in the checkout, so every folder of the package's __path__ is searched."""
+    import fusedrl
+
+    folders = [Path(p) for p in getattr(fusedrl, "__path__", [])] or [Path(__file__).resolve().parent]
+    for folder in folders:
+        candidate = folder / f"{LIBRARY_NAME}.so"
+        if candidate.exists():
+            return candidate
+    return folders[0] / f"{LIBRARY_NAME}.so"
 
 
 def load() -> None:
