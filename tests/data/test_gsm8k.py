@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 
-import datasets
 import pytest
+
+datasets = pytest.importorskip("datasets", reason="datasets is not installed (the GPU machine lacks it)")
 
 from fusedrl.data.gsm8k import OFFLINE_INSTALL, gsm8k_rows_to_dataset, load_offline_gsm8k
 from fusedrl.data.prompts import SYSTEM_PROMPT, to_chat_prompt

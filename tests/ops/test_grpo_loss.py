@@ -202,7 +202,7 @@ def test_torch_compile_fullgraph(generator):
     torch.testing.assert_close(h1.grad, h2.grad)
 
 
-def test_errors_name_the_argument(generator):
+def test_errors_name_the_argument(generator, cxx_errors_reach_python):
     b = make_batch(2, 3, 4, 11, generator=generator)
     args = (b["hidden"], b["weight"], b["ids"], b["mask"], b["advantages"])
     cases = [

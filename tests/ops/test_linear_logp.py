@@ -160,7 +160,7 @@ def test_strided_and_empty_inputs(device, generator):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_errors_name_the_argument(device, generator):
+def test_errors_name_the_argument(device, generator, cxx_errors_reach_python):
     hidden, weight, targets, bias = lm_head_inputs(4, 6, 9, torch.float32, device, bias=True, generator=generator)
     with pytest.raises(RuntimeError, match=r"target ids must lie in \[0, 9\), got values in \[.*9\]"):
         linear_logp(hidden, weight, torch.full_like(targets, 9))
