@@ -158,16 +158,44 @@ StepResult = dict[str, torch.Tensor]  # "loss" / "logp" -> tensor
 Step = Callable[[], StepResult]
 
 
-def build_naive(inputs: Inputs, mode: Mode, epsilon: float) -> Step:
+def naive_source(choice: str) -> str:
+    """'reference' (fusedrl.ops.reference, TRL-like: also computes the entropy) when importable, else 'inline'."""
+    if choice == "reference":
+        try:
+            from fusedrl.ops.reference import grpo_loss_reference, selective_logp_reference  # noqa: F401
+        except ImportError:
+            return "inline"
+    return choice
+
+
+def build_naive(inputs: Inputs, mode: Mode, epsilon: float, source: str) -> Step:
+    if source == "reference":
+        from fusedrl.ops.reference import grpo_loss_reference, selective_logp_reference
+
+        def logp_fn(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+            return selective_logp_reference(hidden, weight, ids)[0]
+
+        def loss_fn() -> torch.Tensor:
+            return grpo_loss_reference(
+                inputs.hidden, inputs.weight, inputs.completion_ids, inputs.completion_mask, inputs.advantages,
+                old_logp=inputs.old_logp, loss_type="dapo", importance_sampling_level=mode.level,
+                epsilon=epsilon).loss
+    else:
+        logp_fn = naive_logp
+
+        def loss_fn() -> torch.Tensor:
+            logp = naive_logp(inputs.hidden, inputs.weight, inputs.completion_ids)
+            return naive_grpo_loss(logp, inputs.old_logp, inputs.completion_mask, inputs.advantages, mode.level,
+                                   epsilon)
+
     if mode.level is None:
         def logprob_step() -> StepResult:
             with torch.no_grad():
-                return {"logp": naive_logp(inputs.hidden, inputs.weight, inputs.completion_ids)}
+                return {"logp": logp_fn(inputs.hidden, inputs.weight, inputs.completion_ids)}
         return logprob_step
 
     def loss_step() -> StepResult:
-        logp = naive_logp(inputs.hidden, inputs.weight, inputs.completion_ids)
-        loss = naive_grpo_loss(logp, inputs.old_logp, inputs.completion_mask, inputs.advantages, mode.level, epsilon)
+        loss = loss_fn()
         loss.backward()
         return {"loss": loss.detach()}
     return loss_step
@@ -285,7 +313,7 @@ def measure(step: Step, inputs: Inputs, clock: Clock, warmup: int, reps: int, se
 
 
 def rel_err(value: torch.Tensor, reference: torch.Tensor) -> float:
-    value, reference = value.double(), reference.double()
+    value, reference = value.float(), reference.float()  # float32 norms: enough, and half the memory
     denom = reference.norm().item()
     diff = (value - reference).norm().item()
     return diff / denom if denom > 0 else diff
@@ -330,18 +358,20 @@ class Bench:
             fusedrl_version = getattr(fusedrl, "__version__", None)
         except ImportError:
             pass
-        try:
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                    cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or None
-        except (OSError, subprocess.SubprocessError):
-            commit = None
+        commit = self.args.commit
+        if commit is None:
+            try:
+                commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                        cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or None
+            except (OSError, subprocess.SubprocessError):
+                commit = None
         cuda = self.device.type == "cuda"
         return {
             "device": torch.cuda.get_device_name(self.device) if cuda else "cpu",
             "torch": torch.__version__, "cuda": torch.version.cuda, "liger_kernel": liger_version(),
             "fusedrl": fusedrl_version, "commit": commit,
             "allow_tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
-            "args": vars(self.args), "target_n": TARGET_N,
+            "args": vars(self.args), "target_n": TARGET_N, "naive": naive_source(self.args.naive),
         }
 
     def over_budget(self) -> bool:
@@ -390,7 +420,7 @@ class Bench:
         note = None
         try:
             if impl == "naive":
-                step = build_naive(inputs, mode, self.args.epsilon)
+                step = build_naive(inputs, mode, self.args.epsilon, self.meta["naive"])
             elif impl == "liger":
                 step = build_liger(inputs, mode, self.args.epsilon, compiled=self.args.liger_compiled)
             else:
@@ -437,6 +467,10 @@ class Bench:
 
     def run_config(self, shape: ModelShape, n_tokens: int) -> None:
         args = self.args
+        if self.over_budget():
+            self.record(shape=shape.name, n_tokens=n_tokens, mode="all", impl="-",
+                        status="skipped: --time-budget reached")
+            return
         try:
             inputs = make_inputs(shape, n_tokens, args.seq_len, args.masked_fraction, torch.bfloat16,
                                  self.device, args.seed)
@@ -497,7 +531,7 @@ def print_report(bench: Bench) -> None:
     meta = bench.meta
     print(f"\n== GRPO loss bench on {meta['device']} | torch {meta['torch']} cuda {meta['cuda']} | liger "
           f"{meta['liger_kernel']} | fusedrl {meta['fusedrl']} commit {meta['commit']} | T={bench.args.seq_len} "
-          f"bf16 ==")
+          f"bf16 | naive={meta['naive']} ==")
     print("x_floor = ms / (mode's GEMM count x one torch.mm); speedup = naive ms / ms; peak GiB includes grads")
     header = (f"{'shape':12s} {'N':>6s} {'mode':16s} {'impl':8s} {'ms':>9s} {'peakGiB':>8s} {'TFLOP/s':>8s} "
               f"{'x_floor':>7s} {'speedup':>7s}  rel_err / status")
@@ -541,8 +575,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="only N=16384 with the qwen3-4b shape")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU: checks every path runs")
-    parser.add_argument("--shapes", default="qwen3-4b,llama3.1-8b", help=f"comma list of {', '.join(SHAPES)}")
-    parser.add_argument("--n-tokens", default="4096,16384,65536", help="comma list of token counts N = B*T")
+    parser.add_argument("--shapes", default=None,
+                        help=f"comma list of {', '.join(SHAPES)} (default: qwen3-4b,llama3.1-8b; --quick: qwen3-4b)")
+    parser.add_argument("--n-tokens", default=None,
+                        help="comma list of token counts N = B*T (default: 4096,16384,65536; --quick: 16384)")
     parser.add_argument("--seq-len", type=int, default=1024, help="completion length T (N must be a multiple)")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma list of {', '.join(MODES)}")
     parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma list of {', '.join(IMPLS)}")
@@ -557,13 +593,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-liger-compile", dest="liger_compiled", action="store_false",
                         help="run Liger with compiled=False (default: its default, compiled=True)")
+    parser.add_argument("--naive", choices=("reference", "inline"), default="reference",
+                        help="naive peer: fusedrl.ops.reference (TRL-like, computes entropy too; used when "
+                             "importable) or this file's leaner inline version")
+    parser.add_argument("--commit", default=None,
+                        help="commit to record (default: git rev-parse here; the GPU machine's copy has no git)")
     parser.add_argument("--json", default=None, help="write all results to this path")
     args = parser.parse_args(argv)
     if args.cpu_smoke:
-        args.shapes, args.n_tokens, args.seq_len = "tiny", "256", 32
+        args.shapes, args.n_tokens, args.seq_len = args.shapes or "tiny", args.n_tokens or "256", 32
         args.warmup, args.reps, args.liger_compiled = 1, 2, False
     elif args.quick:
-        args.shapes, args.n_tokens = "qwen3-4b", str(TARGET_N)
+        args.shapes, args.n_tokens = args.shapes or "qwen3-4b", args.n_tokens or str(TARGET_N)
+    else:
+        args.shapes, args.n_tokens = args.shapes or "qwen3-4b,llama3.1-8b", args.n_tokens or "4096,16384,65536"
     args.shapes = parse_list(args.shapes, list(SHAPES), "--shapes")
     args.modes = parse_list(args.modes, list(MODES), "--modes")
     args.impls = parse_list(args.impls, IMPLS, "--impls")
@@ -571,6 +614,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.n_tokens = [int(n) for n in args.n_tokens.split(",")]
     except ValueError:
         raise SystemExit(f"--n-tokens: expected a comma list of integers; got {args.n_tokens!r}") from None
+    bad = [n for n in args.n_tokens if n <= 0 or n % args.seq_len]
+    if bad:
+        raise SystemExit(f"--n-tokens: each N must be a positive multiple of --seq-len={args.seq_len}; got {bad}")
     if args.impls[0] != "naive" and "naive" in args.impls:
         args.impls.remove("naive")
         args.impls.insert(0, "naive")  # naive runs first: it is the reference for errors and speedups

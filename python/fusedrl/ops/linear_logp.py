@@ -60,7 +60,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_logp, _grad_entropy, _grad_lse, _grad_direction):
     if ctx.compute_grad_direction:
         (grad_direction,) = ctx.saved_tensors
-        grad_hidden = (grad_direction * grad_logp.unsqueeze(-1)).to(grad_direction.dtype)
+        # In the direction's dtype: a float32 product would briefly hold an (N, H) float32 temporary.
+        grad_hidden = grad_direction * grad_logp.unsqueeze(-1).to(grad_direction.dtype)
         return grad_hidden, None, None, None, None, None, None, None, None
     hidden, weight, bias, targets, lse = ctx.saved_tensors
     temperature, logit_softcap, chunk_size = ctx.options
