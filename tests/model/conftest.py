@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -32,8 +32,13 @@ def tiny_config(family: str, vocab_size: int, pad_token_id: int, eos_token_id: i
         return transformers.MistralConfig(**_COMMON, **ids, sliding_window=None)
     if family == "gemma2":
         return transformers.Gemma2Config(
-            **_COMMON, **ids, head_dim=12, final_logit_softcapping=3.0, attn_logit_softcapping=50.0,
-            sliding_window=4, query_pre_attn_scalar=12,
+            **_COMMON,
+            **ids,
+            head_dim=12,
+            final_logit_softcapping=3.0,
+            attn_logit_softcapping=50.0,
+            sliding_window=4,
+            query_pre_attn_scalar=12,
         )
     raise ValueError(f"unknown family {family!r}")
 

@@ -41,7 +41,9 @@ def _give_lora_weights(model, generator: torch.Generator) -> None:
 def test_hidden_times_lm_head_matches_model_logits(save_tiny_model, family):
     generator = torch.Generator().manual_seed(1234)
     folder = save_tiny_model(family)
-    model, tokenizer = load_model(folder, dtype="float32", lora=LoraConfig(r=4), gradient_checkpointing=True)
+    model, tokenizer = load_model(
+        folder, dtype="float32", lora=LoraConfig(r=4), gradient_checkpointing=True, device="cpu"
+    )
     _give_lora_weights(model, generator)
     input_ids, attention_mask = _random_batch(len(tokenizer), [13, 7, 11], generator)
     logits_to_keep = 5
@@ -57,17 +59,17 @@ def test_hidden_times_lm_head_matches_model_logits(save_tiny_model, family):
 
 
 def test_lm_head_of_tied_and_untied(save_tiny_model):
-    tied, _ = load_model(save_tiny_model("qwen2"), dtype="float32")
+    tied, _ = load_model(save_tiny_model("qwen2"), dtype="float32", device="cpu")
     head = lm_head_of(tied)
     assert head.weight.data_ptr() == tied.get_input_embeddings().weight.data_ptr()
     assert head.bias is None and head.logit_softcap is None and not head.weight.requires_grad
-    untied, _ = load_model(save_tiny_model("llama"), dtype="float32")
+    untied, _ = load_model(save_tiny_model("llama"), dtype="float32", device="cpu")
     assert lm_head_of(untied).weight.data_ptr() != untied.get_input_embeddings().weight.data_ptr()
 
 
 def test_gradients_reach_lora_through_checkpointing(save_tiny_model):
     generator = torch.Generator().manual_seed(7)
-    model, tokenizer = load_model(save_tiny_model("llama"), dtype="float32", gradient_checkpointing=True)
+    model, tokenizer = load_model(save_tiny_model("llama"), dtype="float32", gradient_checkpointing=True, device="cpu")
     _give_lora_weights(model, generator)
     input_ids, attention_mask = _random_batch(len(tokenizer), [9, 6], generator)
     hidden = forward_hidden(model, input_ids, attention_mask, 4)
@@ -79,7 +81,7 @@ def test_gradients_reach_lora_through_checkpointing(save_tiny_model):
 
 def test_left_padding_does_not_change_hidden(save_tiny_model):
     generator = torch.Generator().manual_seed(99)
-    model, tokenizer = load_model(save_tiny_model("llama"), dtype="float32")
+    model, tokenizer = load_model(save_tiny_model("llama"), dtype="float32", device="cpu")
     model.eval()
     input_ids, attention_mask = _random_batch(len(tokenizer), [10, 6], generator)
     with torch.no_grad():
@@ -90,7 +92,9 @@ def test_left_padding_does_not_change_hidden(save_tiny_model):
 
 def test_plain_model_without_peft(save_tiny_model):
     generator = torch.Generator().manual_seed(3)
-    model, tokenizer = load_model(save_tiny_model("gemma2"), dtype="float32", lora=None, gradient_checkpointing=False)
+    model, tokenizer = load_model(
+        save_tiny_model("gemma2"), dtype="float32", lora=None, gradient_checkpointing=False, device="cpu"
+    )
     input_ids, attention_mask = _random_batch(len(tokenizer), [5, 5], generator)
     hidden = forward_hidden(model, input_ids, attention_mask, 4)
     reference = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, -5:-1]
@@ -99,13 +103,13 @@ def test_plain_model_without_peft(save_tiny_model):
 
 @pytest.mark.parametrize("logits_to_keep", [0, 8, -1, 2.0, True])
 def test_bad_logits_to_keep(save_tiny_model, logits_to_keep):
-    model, _ = load_model(save_tiny_model("llama"), dtype="float32")
+    model, _ = load_model(save_tiny_model("llama"), dtype="float32", device="cpu")
     input_ids = torch.ones(2, 8, dtype=torch.long)
     with pytest.raises(ValueError, match="logits_to_keep"):
         forward_hidden(model, input_ids, torch.ones_like(input_ids), logits_to_keep)
 
 
 def test_mismatched_mask_shape(save_tiny_model):
-    model, _ = load_model(save_tiny_model("llama"), dtype="float32")
+    model, _ = load_model(save_tiny_model("llama"), dtype="float32", device="cpu")
     with pytest.raises(ValueError, match="attention_mask"):
         forward_hidden(model, torch.ones(2, 8, dtype=torch.long), torch.ones(2, 7, dtype=torch.long), 3)

@@ -30,7 +30,9 @@ def _causal_lm_of(model: torch.nn.Module) -> transformers.PreTrainedModel:
     if callable(get_base_model):
         inner = get_base_model()
     if not isinstance(inner, transformers.PreTrainedModel):
-        raise TypeError(f"model must be a transformers causal LM or a peft model wrapping one, got {type(model).__name__}")
+        raise TypeError(
+            f"model must be a transformers causal LM or a peft model wrapping one, got {type(model).__name__}"
+        )
     return inner
 
 
@@ -73,7 +75,11 @@ def forward_hidden(
             f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}"
         )
     sequence_length = input_ids.shape[1]
-    if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or not 0 < logits_to_keep < sequence_length:
+    if (
+        isinstance(logits_to_keep, bool)
+        or not isinstance(logits_to_keep, int)
+        or not 0 < logits_to_keep < sequence_length
+    ):
         raise ValueError(
             f"logits_to_keep must be an int in [1, {sequence_length - 1}] (input_ids has {sequence_length} tokens), "
             f"got {logits_to_keep!r}"

@@ -35,6 +35,9 @@ _QLORA_INSTALL_HINT = (
 )
 
 
+DEFAULT_LORA = LoraConfig()  # r=16, lora_alpha=32, all linear layers
+
+
 def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     """A torch floating dtype from a torch dtype or a name such as "bfloat16", "bf16", "float16", "float32"."""
     if isinstance(dtype, torch.dtype):
@@ -90,13 +93,22 @@ def _sync_pad_token(model: transformers.PreTrainedModel, tokenizer: transformers
         model.config.pad_token_id = tokenizer.pad_token_id
 
 
+def enable_activation_checkpointing(model: transformers.PreTrainedModel) -> None:
+    """Non-reentrant activation checkpointing of every decoder layer (newer transformers renamed the method)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if callable(enable):
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def load_model(
     name_or_path: str | os.PathLike[str],
     *,
     dtype: torch.dtype | str = torch.bfloat16,
     load_in_4bit: bool = False,
     max_seq_length: int = 2048,
-    lora: LoraConfig | None = LoraConfig(),
+    lora: LoraConfig | None = DEFAULT_LORA,
     gradient_checkpointing: bool = True,
     device: torch.device | str | None = None,
     trust_remote_code: bool = False,
@@ -104,9 +116,12 @@ def load_model(
     """Load a causal LM and its tokenizer for GRPO training.
 
     Returns (model, tokenizer). The model is a `peft.PeftModel` with trainable LoRA adapters when `lora` is given
-    (everything else frozen), else the plain transformers model with all parameters trainable. The tokenizer pads
-    on the left and has a pad token (eos when it had none). `max_seq_length` becomes the tokenizer's
-    `model_max_length`; a warning is given when it exceeds the model's `max_position_embeddings`.
+    (everything else frozen; adapter weights are float32 over a 16-bit base, peft's default), else the plain
+    transformers model with all parameters trainable. The tokenizer pads on the left and has a pad token (eos when
+    it had none). `max_seq_length` becomes the tokenizer's `model_max_length`; a warning is given when it exceeds
+    the model's `max_position_embeddings`. `device` defaults to cuda when available, else cpu. With
+    `load_in_4bit` (CUDA + bitsandbytes only) the linear weights are NF4 with double quantization, computing in
+    `dtype`, and peft's `prepare_model_for_kbit_training` upcasts the remaining weights to float32.
     """
     if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path):
         raise ValueError(f"name_or_path must be a Hub model id or a local folder, got {name_or_path!r}")
@@ -139,9 +154,10 @@ def load_model(
             name_or_path,
             dtype=torch_dtype,
             quantization_config=quantization,
-            device_map={"": target_device},
+            device_map={"": str(target_device)},
             trust_remote_code=trust_remote_code,
         )
+        # peft upcasts every non-4-bit parameter (norms, embeddings, lm-head) to float32 here.
         model = peft.prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=gradient_checkpointing,
@@ -153,7 +169,7 @@ def load_model(
         )
         model.to(target_device)
         if gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
 
     max_positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     if max_positions is not None and max_seq_length > max_positions:

@@ -16,9 +16,9 @@ import peft
 _FROZEN_MODULE_NAMES = frozenset({"lm_head", "embed_tokens", "embed_out", "wte", "word_embeddings"})
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoraConfig:
-    """LoRA adapter settings.
+    """LoRA adapter settings (immutable; a list of target modules is stored as a tuple).
 
     r: adapter rank (> 0). lora_alpha: scaling numerator, the adapter output is scaled by lora_alpha / r.
     target_modules: "all-linear" (every linear layer except the output layer) or a list of module names such as
@@ -28,7 +28,7 @@ class LoraConfig:
 
     r: int = 16
     lora_alpha: int | float = 32
-    target_modules: str | list[str] = "all-linear"
+    target_modules: str | tuple[str, ...] | list[str] = "all-linear"
     lora_dropout: float = 0.0
     bias: Literal["none", "all", "lora_only"] = "none"
 
@@ -59,7 +59,7 @@ class LoraConfig:
                     f"LoraConfig.target_modules must not name the lm-head or embeddings (got {frozen}): "
                     "fusedrl keeps them frozen"
                 )
-            self.target_modules = names
+            object.__setattr__(self, "target_modules", tuple(names))  # frozen: stored as a tuple
 
     def to_peft(self) -> peft.LoraConfig:
         """The equivalent `peft.LoraConfig` for a causal LM."""
@@ -67,7 +67,7 @@ class LoraConfig:
             task_type=peft.TaskType.CAUSAL_LM,
             r=self.r,
             lora_alpha=self.lora_alpha,
-            target_modules=self.target_modules,
+            target_modules=self.target_modules if isinstance(self.target_modules, str) else list(self.target_modules),
             lora_dropout=float(self.lora_dropout),
             bias=self.bias,
         )

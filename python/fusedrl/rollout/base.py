@@ -35,7 +35,11 @@ class SamplingConfig:
     greedy: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
+        if (
+            isinstance(self.max_new_tokens, bool)
+            or not isinstance(self.max_new_tokens, int)
+            or self.max_new_tokens <= 0
+        ):
             raise ValueError(f"SamplingConfig.max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
         if not _is_finite_number(self.temperature) or self.temperature <= 0:
             raise ValueError(f"SamplingConfig.temperature must be a finite number > 0, got {self.temperature!r}")
@@ -77,7 +81,9 @@ class RolloutOutput:
         shape = self.completion_ids.shape
         for name in ("completion_mask", "sampling_logp"):
             if getattr(self, name).shape != shape:
-                raise ValueError(f"{name} must have completion_ids' shape {tuple(shape)}, got {tuple(getattr(self, name).shape)}")
+                raise ValueError(
+                    f"{name} must have completion_ids' shape {tuple(shape)}, got {tuple(getattr(self, name).shape)}"
+                )
         if self.truncated.shape != shape[:1]:
             raise ValueError(f"truncated must be ({shape[0]},), got shape {tuple(self.truncated.shape)}")
 

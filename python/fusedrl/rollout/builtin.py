@@ -129,12 +129,16 @@ class BuiltinEngine:
         # Sampling knobs are set to their neutral values here (explicitly, so the model's own generation defaults
         # cannot fill them in) and applied by our processor chain instead.
         # Greedy decoding applies no warpers, so they are left unset there (transformers warns about set ones).
-        neutral_warpers = {} if sampling.greedy else {
-            "temperature": 1.0,
-            "top_k": 0,
-            "top_p": 1.0,
-            "min_p": 0.0 if self._model_min_p is not None else None,
-        }
+        neutral_warpers = (
+            {}
+            if sampling.greedy
+            else {
+                "temperature": 1.0,
+                "top_k": 0,
+                "top_p": 1.0,
+                "min_p": 0.0 if self._model_min_p is not None else None,
+            }
+        )
         return transformers.GenerationConfig(
             max_new_tokens=sampling.max_new_tokens,
             min_new_tokens=0,
@@ -163,7 +167,9 @@ class BuiltinEngine:
         prompt_length = input_ids.shape[1]
         recorder = _ChosenTokenLogp(prompt_length, sampling.temperature)
         device = self.device
-        fork_devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+        fork_devices = (
+            [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+        )
 
         was_training = self.model.training
         self.model.eval()  # no dropout; transformers skips gradient checkpointing outside training mode
