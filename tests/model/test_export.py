@@ -5,11 +5,23 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from fusedrl.model.export import (
+    export_gguf,
+    load_lora,
+    merged_copy,
+    read_gguf_tensors,
+    save_lora,
+    save_merged,
+)
 from peft import LoraConfig, PeftModel, get_peft_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-from fusedrl.model.export import export_gguf, load_lora, merged_copy, read_gguf_tensors, save_lora, save_merged
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
 VOCAB = 320
 
@@ -20,20 +32,35 @@ def tokenizer():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     text = ["Natalia sold clips to 48 of her friends in April, and then half as many clips in May. #### 72"] * 8
     tok.train_from_iterator(text, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                   pad_token="<|im_end|>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+    )
 
 
 def tiny_lora_model(tokenizer, seed: int, tie: bool = True) -> PeftModel:
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         tie_word_embeddings=tie, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=tie,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     base = LlamaForCausalLM(config)
     lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
     return get_peft_model(base, lora).eval()
@@ -109,6 +136,7 @@ def test_gguf_round_trip(tmp_path, tokenizer, outtype, tie):
     reader = gguf.GGUFReader(path)
     field = reader.fields["general.architecture"]
     assert bytes(field.parts[field.data[0]]).decode() == "llama"
+    assert reader.fields["tokenizer.ggml.pre"].contents() == "gpt-2"
     types = {t.name: t.tensor_type for t in reader.tensors}
     assert ("output.weight" in types) == (not tie)
     assert types["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32
@@ -119,8 +147,10 @@ def test_gguf_round_trip(tmp_path, tokenizer, outtype, tie):
     # error <= d/2 from rounding + 127 * |d - f16(d)| <= d * (0.5 + 127 * 2**-11)
     merged = merged_copy(model)
     stored = read_gguf_tensors(path)
-    for hf_name, gguf_name in [("model.layers.1.mlp.down_proj.weight", "blk.1.ffn_down.weight"),
-                               ("model.layers.0.self_attn.v_proj.weight", "blk.0.attn_v.weight")]:
+    for hf_name, gguf_name in [
+        ("model.layers.1.mlp.down_proj.weight", "blk.1.ffn_down.weight"),
+        ("model.layers.0.self_attn.v_proj.weight", "blk.0.attn_v.weight"),
+    ]:
         original = merged.state_dict()[hf_name].numpy()
         error = np.abs(stored[gguf_name] - original)
         if outtype == "f16":

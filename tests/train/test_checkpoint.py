@@ -9,9 +9,6 @@ import random
 import numpy as np
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
-
 from fusedrl.train.checkpoint import (
     CheckpointError,
     find_latest_checkpoint,
@@ -19,14 +16,28 @@ from fusedrl.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
 
 
 def tiny_peft_model(seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    config = LlamaConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     base = LlamaForCausalLM(config)
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    lora = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        init_lora_weights=False,
+    )
     return get_peft_model(base, lora)
 
 
@@ -54,24 +65,45 @@ def test_round_trip_restores_weights_optimizer_scheduler_scaler_rng_and_state(tm
     train_one_step(model, optimizer, scheduler)
     gen = torch.Generator().manual_seed(11)
     torch.randn(5, generator=gen)
-    state = {"global_step": 1, "data_position": 7, "history": [{"step": 1, "loss": 0.5}]}
-    path = save_checkpoint(tmp_path, 1, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                           trainer_state=state, generators={"rollout": gen})
+    state = {
+        "global_step": 1,
+        "data_position": 7,
+        "history": [{"step": 1, "loss": 0.5}],
+    }
+    path = save_checkpoint(
+        tmp_path,
+        1,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+        trainer_state=state,
+        generators={"rollout": gen},
+    )
     assert path.name == "checkpoint-1"
     assert (path / "adapter_model.safetensors").is_file() and (path / "adapter_config.json").is_file()
     assert (tmp_path / "latest").read_text().strip() == "checkpoint-1"
     saved_lora = {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k}
 
-    expected_py, expected_np, expected_torch = random.random(), np.random.rand(), torch.rand(3)
+    expected_py, expected_np, expected_torch = (
+        random.random(),
+        np.random.rand(),
+        torch.rand(3),
+    )
     expected_gen = torch.randn(4, generator=gen)
-    expected_loss = train_one_step(model, optimizer, scheduler)
-    expected_lr = scheduler.get_last_lr()
+    train_one_step(model, optimizer, scheduler)  # the RNG draws of a step must not disturb what was saved
 
     model2, optimizer2, scheduler2, scaler2 = make_training_objects(seed=99)  # different init
     gen2 = torch.Generator()
     random.seed(0)
-    loaded = load_checkpoint(tmp_path, model=model2, optimizer=optimizer2, scheduler=scheduler2, scaler=scaler2,
-                             generators={"rollout": gen2})
+    loaded = load_checkpoint(
+        tmp_path,
+        model=model2,
+        optimizer=optimizer2,
+        scheduler=scheduler2,
+        scaler=scaler2,
+        generators={"rollout": gen2},
+    )
     assert loaded == state
     assert random.random() == expected_py and np.random.rand() == expected_np
     assert torch.equal(torch.rand(3), expected_torch)
@@ -87,14 +119,26 @@ def test_round_trip_restores_weights_optimizer_scheduler_scaler_rng_and_state(tm
 def test_resumed_training_matches_uninterrupted(tmp_path):
     model, optimizer, scheduler, _ = make_training_objects(seed=5)
     train_one_step(model, optimizer, scheduler)
-    save_checkpoint(tmp_path, 1, model=model, optimizer=optimizer, scheduler=scheduler, trainer_state={"global_step": 1})
+    save_checkpoint(
+        tmp_path,
+        1,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        trainer_state={"global_step": 1},
+    )
     uninterrupted = [train_one_step(model, optimizer, scheduler) for _ in range(2)]
 
     model2, optimizer2, scheduler2, _ = make_training_objects(seed=5)  # same base, fresh LoRA/optimizer
     for p in model2.parameters():
         if p.requires_grad:
             torch.nn.init.normal_(p)
-    load_checkpoint(tmp_path / "checkpoint-1", model=model2, optimizer=optimizer2, scheduler=scheduler2)
+    load_checkpoint(
+        tmp_path / "checkpoint-1",
+        model=model2,
+        optimizer=optimizer2,
+        scheduler=scheduler2,
+    )
     resumed = [train_one_step(model2, optimizer2, scheduler2) for _ in range(2)]
     assert resumed == uninterrupted
 
@@ -111,14 +155,28 @@ class FailingStateDict:
 
 @pytest.mark.parametrize(
     "error, words",
-    [(OSError(errno.ENOSPC, "No space left on device", "/x/optimizer.pt"), "disk full"),
-     (PermissionError(errno.EACCES, "Permission denied", "/x/optimizer.pt"), "permission denied")],
+    [
+        (
+            OSError(errno.ENOSPC, "No space left on device", "/x/optimizer.pt"),
+            "disk full",
+        ),
+        (
+            PermissionError(errno.EACCES, "Permission denied", "/x/optimizer.pt"),
+            "permission denied",
+        ),
+    ],
 )
 def test_failed_write_raises_clear_error_and_keeps_latest_loadable(tmp_path, error, words):
-    model, optimizer, scheduler, _ = make_training_objects(seed=1)
+    model, optimizer, _, _ = make_training_objects(seed=1)
     save_checkpoint(tmp_path, 2, model=model, optimizer=optimizer, trainer_state={"global_step": 2})
     with pytest.raises(CheckpointError) as info:
-        save_checkpoint(tmp_path, 4, model=model, optimizer=FailingStateDict(error), trainer_state={"global_step": 4})
+        save_checkpoint(
+            tmp_path,
+            4,
+            model=model,
+            optimizer=FailingStateDict(error),
+            trainer_state={"global_step": 4},
+        )
     message = str(info.value)
     assert words in message and "checkpoint-4" in message and "checkpoint-2" in message
     assert [p.name for p in tmp_path.iterdir() if not p.name.startswith("checkpoint-2")] == ["latest"]
@@ -127,11 +185,16 @@ def test_failed_write_raises_clear_error_and_keeps_latest_loadable(tmp_path, err
 
 
 def test_crash_mid_write_leaves_latest_loadable_and_is_cleaned_up(tmp_path):
-    model, optimizer, _, _ = make_training_objects(seed=2)
+    model = tiny_peft_model(seed=2)
     save_checkpoint(tmp_path, 1, model=model, trainer_state={"global_step": 1})
     with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(tmp_path, 2, model=model, optimizer=FailingStateDict(KeyboardInterrupt()),  # type: ignore
-                        trainer_state={"global_step": 2})
+        save_checkpoint(
+            tmp_path,
+            2,
+            model=model,
+            optimizer=FailingStateDict(KeyboardInterrupt()),  # type: ignore
+            trainer_state={"global_step": 2},
+        )
     # a process killed outright leaves a temporary dir and an incomplete checkpoint dir behind
     (tmp_path / ".tmp-checkpoint-3-deadbeef").mkdir()
     (tmp_path / "checkpoint-9").mkdir()
@@ -147,11 +210,30 @@ def test_crash_mid_write_leaves_latest_loadable_and_is_cleaned_up(tmp_path):
 def test_rotation_keeps_newest_and_resave_replaces(tmp_path):
     model, *_ = make_training_objects(seed=4)
     for step in (1, 2, 3, 4):
-        save_checkpoint(tmp_path, step, model=model, trainer_state={"global_step": step}, save_total_limit=2)
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-3", "checkpoint-4"]
-    save_checkpoint(tmp_path, 4, model=model, trainer_state={"global_step": 4, "again": True}, save_total_limit=2)
+        save_checkpoint(
+            tmp_path,
+            step,
+            model=model,
+            trainer_state={"global_step": step},
+            save_total_limit=2,
+        )
+    assert [p.name for p in list_checkpoints(tmp_path)] == [
+        "checkpoint-3",
+        "checkpoint-4",
+    ]
+    save_checkpoint(
+        tmp_path,
+        4,
+        model=model,
+        trainer_state={"global_step": 4, "again": True},
+        save_total_limit=2,
+    )
     assert json.loads((tmp_path / "checkpoint-4" / "trainer_state.json").read_text())["again"] is True
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3", "checkpoint-4", "latest"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoint-3",
+        "checkpoint-4",
+        "latest",
+    ]
 
 
 def test_argument_errors(tmp_path):

@@ -12,8 +12,10 @@ export_gguf                llama.cpp's GGUF for the Llama architecture: HF tenso
 from __future__ import annotations
 
 import copy
+import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +37,17 @@ def _is_peft_model(model: Any) -> bool:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def save_lora(model: torch.nn.Module, directory: str | os.PathLike[str], tokenizer: Any | None = None) -> Path:
+def save_lora(
+    model: torch.nn.Module,
+    directory: str | os.PathLike[str],
+    tokenizer: Any | None = None,
+) -> Path:
     """Write the LoRA adapter of a peft.PeftModel (and the tokenizer, if given) to `directory`."""
     if not _is_peft_model(model):
-        raise TypeError(f"model: expected a peft.PeftModel carrying a LoRA adapter, got {type(model).__name__}; "
-                        f"use save_merged for a model without adapter")
+        raise TypeError(
+            f"model: expected a peft.PeftModel carrying a LoRA adapter, got {type(model).__name__}; "
+            f"use save_merged for a model without adapter"
+        )
     directory = Path(directory)
     model.save_pretrained(directory)
     if tokenizer is not None:
@@ -47,7 +55,12 @@ def save_lora(model: torch.nn.Module, directory: str | os.PathLike[str], tokeniz
     return directory
 
 
-def load_lora(base_model: torch.nn.Module, directory: str | os.PathLike[str], *, is_trainable: bool = False):
+def load_lora(
+    base_model: torch.nn.Module,
+    directory: str | os.PathLike[str],
+    *,
+    is_trainable: bool = False,
+):
     """Attach the adapter saved in `directory` to `base_model` (a transformers model); returns a peft.PeftModel."""
     from peft import PeftModel
 
@@ -101,16 +114,17 @@ def save_merged(
 def _permute_for_gguf_rope(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     """HF rotates halves of each head; GGUF/llama.cpp rotates interleaved pairs: reorder q/k output rows."""
     rows = weight.shape[0]
-    return (weight.reshape(num_heads, 2, rows // num_heads // 2, *weight.shape[1:])
-            .swapaxes(1, 2).reshape(weight.shape))
+    return weight.reshape(num_heads, 2, rows // num_heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
 def _rope_theta(config: Any) -> float:
     params = getattr(config, "rope_parameters", None) or {}
     rope_type = params.get("rope_type", "default")
     if rope_type != "default":
-        raise NotImplementedError(f"export_gguf: rope_type {rope_type!r} (rope scaling) is not supported yet; "
-                                  f"only the default rotary embedding")
+        raise NotImplementedError(
+            f"export_gguf: rope_type {rope_type!r} (rope scaling) is not supported yet; "
+            f"only the default rotary embedding"
+        )
     theta = params.get("rope_theta", getattr(config, "rope_theta", None))
     if theta is None:
         raise ValueError("export_gguf: the model config has no rope_theta")
@@ -138,6 +152,23 @@ def _write_llama_hparams(writer: Any, config: Any, name: str, file_type: int) ->
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
+def _llama_cpp_pre_tokenizer(tokenizer_json: dict[str, Any]) -> str:
+    """llama.cpp's name for the pre-tokenizer: "gpt-2" (plain byte-level regex), "smollm" (digits split one by one,
+    then byte-level), else "default" with a warning (llama.cpp may then split text differently from transformers)."""
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    kinds = [(p.get("type"), p.get("individual_digits"), p.get("use_regex")) for p in parts]
+    if kinds == [("ByteLevel", None, True)]:
+        return "gpt-2"
+    if kinds == [("Digits", True, None), ("ByteLevel", None, True)]:
+        return "smollm"
+    warnings.warn(
+        f"export_gguf: unrecognised pre-tokenizer {kinds}; writing tokenizer.ggml.pre='default'",
+        stacklevel=3,
+    )
+    return "default"
+
+
 def _write_bpe_tokenizer(writer: Any, tokenizer: Any, vocab_size: int) -> None:
     """Byte-level BPE (GPT-2 style) vocabulary, merges, special ids and chat template."""
     import gguf
@@ -149,8 +180,10 @@ def _write_bpe_tokenizer(writer: Any, tokenizer: Any, vocab_size: int) -> None:
         except FileNotFoundError as error:
             raise NotImplementedError(
                 "export_gguf: only byte-level BPE tokenizers (GPT-2 style, as Llama-3 / SmolLM2 / Qwen use) are "
-                f"supported; this tokenizer is {type(tokenizer).__name__}") from error
+                f"supported; this tokenizer is {type(tokenizer).__name__}"
+            ) from error
         special_vocab = gguf.SpecialVocab(Path(folder), load_merges=True, n_vocab=vocab_size)
+        pre = _llama_cpp_pre_tokenizer(json.loads((Path(folder) / "tokenizer.json").read_text(encoding="utf-8")))
     by_id = {token_id: token for token, token_id in tokenizer.get_vocab().items()}
     added = {token_id: added for token_id, added in tokenizer.added_tokens_decoder.items()}
     tokens: list[str] = []
@@ -166,7 +199,7 @@ def _write_bpe_tokenizer(writer: Any, tokenizer: Any, vocab_size: int) -> None:
             tokens.append(by_id[token_id])
             types.append(gguf.TokenType.NORMAL)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     special_vocab.add_to_gguf(writer, quiet=True)
@@ -192,7 +225,10 @@ def _load_for_export(model_or_dir: Any, tokenizer: Any | None) -> tuple[torch.nn
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"model_or_dir: {folder} holds no config.json (expected a save_merged folder)")
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-        return model, tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(folder)
+        return (
+            model,
+            tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(folder),
+        )
     if tokenizer is None:
         raise ValueError("tokenizer: required when model_or_dir is a model object (GGUF stores the vocabulary)")
     model = merged_copy(model_or_dir) if _is_peft_model(model_or_dir) else model_or_dir
@@ -217,8 +253,10 @@ def export_gguf(
     model, tokenizer = _load_for_export(model_or_dir, tokenizer)
     config = model.config
     if config.model_type not in _GGUF_ARCHITECTURES:
-        raise NotImplementedError(f"export_gguf: architecture {config.model_type!r} is not supported; "
-                                  f"supported: {sorted(_GGUF_ARCHITECTURES)}")
+        raise NotImplementedError(
+            f"export_gguf: architecture {config.model_type!r} is not supported; "
+            f"supported: {sorted(_GGUF_ARCHITECTURES)}"
+        )
     arch = getattr(gguf.MODEL_ARCH, _GGUF_ARCHITECTURES[config.model_type])
     name_map = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     file_type = gguf.LlamaFileType.MOSTLY_F16 if outtype == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0
@@ -228,7 +266,12 @@ def export_gguf(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[arch])
-    _write_llama_hparams(writer, config, getattr(config, "_name_or_path", "") or "fusedrl-export", int(file_type))
+    _write_llama_hparams(
+        writer,
+        config,
+        getattr(config, "_name_or_path", "") or "fusedrl-export",
+        int(file_type),
+    )
     _write_bpe_tokenizer(writer, tokenizer, config.vocab_size)
 
     state = model.state_dict()

@@ -5,13 +5,20 @@ A checkpoint holds everything needed to continue a run bit for bit:
                                                      a model without LoRA is saved whole the same way
   optimizer.pt, scheduler.pt, scaler.pt              state dicts of the objects given (each optional)
   rng_state.pt                                       python, numpy (if installed), torch CPU, CUDA, named generators
+  extra_state.pt                                     optional tensors/containers (e.g. a half-used generation round)
   trainer_state.json                                 global_step, data position, history, ... (JSON); written last
 
 Writes are atomic: everything goes into a hidden temporary sibling directory, every file and the directory are
 fsynced, then the directory is renamed into place and the `latest` pointer file is replaced atomically. A crash or
 an OSError (disk full, permission denied) at any point leaves every earlier checkpoint and the pointer intact; the
 error raised (CheckpointError) names the path and the cause. Rotation (save_total_limit) only runs after the new
-checkpoint and the pointer are durable, and never deletes the checkpoint the pointer names.
+checkpoint and the pointer are durable, and never deletes the checkpoint the pointer names. One process writes a
+run directory at a time: a save removes the temporary directories that crashed saves left behind.
+
+GRPOTrainer integration (CheckpointCallback, save/restore_trainer_checkpoint) uses the trainer's callback events:
+restore in on_train_begin (after the trainer seeded its RNGs), save in on_step_end every save_steps and at the end.
+It reads the trainer's sampling/shuffle generators and the generation buffer's stored round directly, since the
+trainer has no public state_dict for them yet; a resumed run's later losses equal an uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 SCALER_FILE = "scaler.pt"
 RNG_FILE = "rng_state.pt"
+EXTRA_STATE_FILE = "extra_state.pt"
 _TEMP_PREFIX = ".tmp-checkpoint-"
 _TRASH_PREFIX = ".trash-checkpoint-"
 _CHECKPOINT_RE = re.compile(rf"^{re.escape(CHECKPOINT_PREFIX)}(\d+)$")
@@ -100,7 +108,9 @@ def _describe_os_error(error: OSError) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def capture_rng_state(generators: Mapping[str, torch.Generator] | None = None) -> dict[str, Any]:
+def capture_rng_state(
+    generators: Mapping[str, torch.Generator] | None = None,
+) -> dict[str, Any]:
     """All global RNG states (python, numpy if installed, torch CPU, every CUDA device) plus named generators."""
     python_state = random.getstate()
     state: dict[str, Any] = {
@@ -113,7 +123,13 @@ def capture_rng_state(generators: Mapping[str, torch.Generator] | None = None) -
         np = None  # type: ignore[assignment]
     if np is not None:
         kind, keys, pos, has_gauss, cached = np.random.get_state()
-        state["numpy"] = [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]
+        state["numpy"] = [
+            kind,
+            torch.from_numpy(keys.astype(np.int64)),
+            int(pos),
+            int(has_gauss),
+            float(cached),
+        ]
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     state["generators"] = {name: gen.get_state() for name, gen in (generators or {}).items()}
@@ -135,8 +151,9 @@ def restore_rng_state(state: Mapping[str, Any], generators: Mapping[str, torch.G
     saved_generators = state.get("generators", {})
     for name, gen in (generators or {}).items():
         if name not in saved_generators:
-            raise CheckpointError(f"generators: the checkpoint has no state for generator {name!r}; "
-                                  f"it has {sorted(saved_generators)}")
+            raise CheckpointError(
+                f"generators: the checkpoint has no state for generator {name!r}; it has {sorted(saved_generators)}"
+            )
         gen.set_state(saved_generators[name])
 
 
@@ -197,11 +214,14 @@ def _write_checkpoint_files(
     scaler: Any | None,
     trainer_state: Mapping[str, Any],
     generators: Mapping[str, torch.Generator] | None,
+    extra_state: Mapping[str, Any] | None,
 ) -> None:
     if model is not None:
         if not hasattr(model, "save_pretrained"):
-            raise CheckpointError(f"model: expected a peft.PeftModel or transformers PreTrainedModel with "
-                                  f"save_pretrained, got {type(model).__name__}")
+            raise CheckpointError(
+                f"model: expected a peft.PeftModel or transformers PreTrainedModel with "
+                f"save_pretrained, got {type(model).__name__}"
+            )
         model.save_pretrained(target)
     if optimizer is not None:
         torch.save(optimizer.state_dict(), target / OPTIMIZER_FILE)
@@ -210,9 +230,12 @@ def _write_checkpoint_files(
     if scaler is not None:
         torch.save(scaler.state_dict(), target / SCALER_FILE)
     torch.save(capture_rng_state(generators), target / RNG_FILE)
+    if extra_state is not None:
+        torch.save(dict(extra_state), target / EXTRA_STATE_FILE)
     # trainer_state.json marks the checkpoint complete, so it goes last
-    (target / TRAINER_STATE_FILE).write_text(json.dumps(dict(trainer_state), indent=2, allow_nan=True),
-                                             encoding="utf-8")
+    (target / TRAINER_STATE_FILE).write_text(
+        json.dumps(dict(trainer_state), indent=2, allow_nan=True), encoding="utf-8"
+    )
 
 
 def save_checkpoint(
@@ -225,11 +248,13 @@ def save_checkpoint(
     scheduler: Any | None = None,
     scaler: Any | None = None,
     generators: Mapping[str, torch.Generator] | None = None,
+    extra_state: Mapping[str, Any] | None = None,
     save_total_limit: int | None = None,
 ) -> Path:
     """Atomically write `run_dir/checkpoint-<step>/`, point `run_dir/latest` at it, rotate old ones.
 
-    trainer_state must be JSON-serialisable (global_step, data position, history, ...). Returns the checkpoint path.
+    trainer_state must be JSON-serialisable (global_step, data position, history, ...); extra_state may hold tensors,
+    lists, dicts and plain numbers (read back with load_extra_state). Returns the checkpoint path.
     Raises CheckpointError naming the path on any OSError; earlier checkpoints and the pointer are then unchanged.
     """
     if not isinstance(step, int) or step < 0:
@@ -244,8 +269,16 @@ def save_checkpoint(
         _remove_stale_temporaries(run_dir)
         json.dumps(dict(trainer_state), allow_nan=True)  # fail before touching the disk if not serialisable
         temp.mkdir()
-        _write_checkpoint_files(temp, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                                trainer_state=trainer_state, generators=generators)
+        _write_checkpoint_files(
+            temp,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=scaler,
+            trainer_state=trainer_state,
+            generators=generators,
+            extra_state=extra_state,
+        )
         _fsync_tree(temp)
         trash = None
         if final.exists():  # re-saving a step: move the old one aside first (rename onto a full dir fails)
@@ -342,8 +375,9 @@ def load_checkpoint(
     if checkpoint_step(path) is None and path.is_dir():
         latest = find_latest_checkpoint(path)
         if latest is None:
-            raise CheckpointError(f"checkpoint: {path} is neither a checkpoint-<step> directory nor a run "
-                                  f"directory holding one")
+            raise CheckpointError(
+                f"checkpoint: {path} is neither a checkpoint-<step> directory nor a run directory holding one"
+            )
         path = latest
     if not _is_complete(path):
         raise CheckpointError(f"checkpoint: {path} is not a complete checkpoint (no {TRAINER_STATE_FILE})")
@@ -351,7 +385,11 @@ def load_checkpoint(
         trainer_state = json.loads((path / TRAINER_STATE_FILE).read_text(encoding="utf-8"))
         if model is not None:
             _load_model_weights(model, path)
-        for obj, name in ((optimizer, OPTIMIZER_FILE), (scheduler, SCHEDULER_FILE), (scaler, SCALER_FILE)):
+        for obj, name in (
+            (optimizer, OPTIMIZER_FILE),
+            (scheduler, SCHEDULER_FILE),
+            (scaler, SCALER_FILE),
+        ):
             if obj is None:
                 continue
             if not (path / name).is_file():
@@ -362,3 +400,125 @@ def load_checkpoint(
     except OSError as error:
         raise CheckpointError(f"could not read checkpoint {path}: {_describe_os_error(error)}") from error
     return trainer_state
+
+
+def load_extra_state(checkpoint: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The extra_state saved with a checkpoint, or None if it had none."""
+    path = Path(checkpoint) / EXTRA_STATE_FILE
+    if not path.is_file():
+        return None
+    try:
+        return _torch_load(path)
+    except OSError as error:
+        raise CheckpointError(f"could not read {path}: {_describe_os_error(error)}") from error
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GRPOTrainer integration: a callback that saves every save_steps and restores a run at train begin
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _trainer_generators(trainer: Any) -> dict[str, torch.Generator]:
+    named = {
+        "sampling": getattr(trainer, "_sampling_generator", None),
+        "shuffle": getattr(trainer, "_shuffle_generator", None),
+    }
+    return {name: gen for name, gen in named.items() if gen is not None}
+
+
+def save_trainer_checkpoint(trainer: Any, run_dir: str | os.PathLike[str], save_total_limit: int | None = None) -> Path:
+    """Checkpoint a fusedrl GRPOTrainer at its current global_step (model, optimizer, scheduler, loss scaler,
+    RNGs, the trainer's sampling/shuffle generators, its state, and the generation round still being trained on)."""
+    import dataclasses
+
+    buffer = trainer.buffer
+    stored = getattr(buffer, "_stored", None)
+    mid_round = stored is not None and buffer.micro_step % buffer.generate_every != 0
+    extra = {"generation_round": [dataclasses.asdict(batch) for batch in stored]} if mid_round else None
+    state = dataclasses.asdict(trainer.state)
+    state["data_position"] = {
+        "rounds_generated": buffer.rounds_generated,
+        "micro_step": buffer.micro_step,
+    }
+    return save_checkpoint(
+        run_dir,
+        trainer.state.global_step,
+        model=trainer.model,
+        trainer_state=state,
+        optimizer=trainer.optimizer,
+        scheduler=trainer.scheduler,
+        scaler=trainer.precision.scaler,
+        generators=_trainer_generators(trainer),
+        extra_state=extra,
+        save_total_limit=save_total_limit,
+    )
+
+
+def restore_trainer_checkpoint(trainer: Any, checkpoint: str | os.PathLike[str]) -> Path:
+    """Load a checkpoint (or a run directory's latest) into a GRPOTrainer built with the same config.
+
+    Must run after the trainer seeded its RNGs (GRPOTrainer.train does that first, then calls on_train_begin).
+    Returns the checkpoint directory used.
+    """
+    from fusedrl.train.batching import TrainingBatch
+
+    path = Path(checkpoint)
+    if checkpoint_step(path) is None:
+        latest = find_latest_checkpoint(path)
+        if latest is None:
+            raise CheckpointError(f"resume: {path} holds no complete checkpoint-<step> directory")
+        path = latest
+    state = load_checkpoint(
+        path,
+        model=trainer.model,
+        optimizer=trainer.optimizer,
+        scheduler=trainer.scheduler,
+        scaler=trainer.precision.scaler,
+        generators=_trainer_generators(trainer),
+    )
+    position = state.pop("data_position")
+    state.pop("max_steps", None)  # the new run's max_steps (e.g. --max-steps) wins
+    for key, value in state.items():
+        setattr(trainer.state, key, value)
+    trainer.buffer.rounds_generated = position["rounds_generated"]
+    trainer.buffer.micro_step = position["micro_step"]
+    extra = load_extra_state(path)
+    trainer.buffer._stored = [TrainingBatch(**batch) for batch in extra["generation_round"]] if extra else None
+    return path
+
+
+class CheckpointCallback:
+    """GRPOTrainer callback: restore `resume_from` at train begin, save every `save_steps` and at the end."""
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike[str],
+        save_steps: int,
+        save_total_limit: int | None = None,
+        resume_from: str | os.PathLike[str] | None = None,
+    ) -> None:
+        if isinstance(save_steps, bool) or not isinstance(save_steps, int) or save_steps < 1:
+            raise CheckpointError(f"save_steps: expected an int >= 1, got {save_steps!r}")
+        self.run_dir = Path(run_dir)
+        self.save_steps = save_steps
+        self.save_total_limit = save_total_limit
+        self.resume_from = resume_from
+        self.resumed_from: Path | None = None
+        self.last_saved_step: int | None = None
+
+    def on_train_begin(self, trainer: Any) -> None:
+        if self.resume_from is not None:
+            self.resumed_from = restore_trainer_checkpoint(trainer, self.resume_from)
+            self.last_saved_step = trainer.state.global_step
+
+    def on_step_end(self, trainer: Any) -> None:
+        if trainer.state.global_step % self.save_steps == 0:
+            self._save(trainer)
+
+    def on_train_end(self, trainer: Any) -> None:
+        if self.last_saved_step != trainer.state.global_step:
+            self._save(trainer)
+
+    def _save(self, trainer: Any) -> None:
+        save_trainer_checkpoint(trainer, self.run_dir, self.save_total_limit)
+        self.last_saved_step = trainer.state.global_step
