@@ -29,8 +29,6 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     tomllib = None  # type: ignore[assignment]
 
-import tomllib
-
 RUN_CONFIG_FILE = "run_config.json"
 DEMO_TRAIN_PROBLEMS = 16  # the demo trains on the first problems of the seed-0 shuffle; eval uses the last ones
 SECTIONS = ("train", "model", "lora", "dataset", "rewards")

@@ -195,3 +195,16 @@ def test_opcheck(device, generator):
     torch.library.opcheck(torch.ops.fusedrl.fused_linear_logp_backward.default,
                           (torch.randn(7, dtype=torch.float64, device=device), hidden.detach(), weight, bias, targets,
                            lse, 0.9, 4.0, [True, True, True], 3))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_runs_the_head_in_the_autocast_dtype(device, generator):
+    """float32 hidden and head under bf16 autocast: computed like nn.Linear under autocast, gradients in float32."""
+    hidden, weight, targets, _ = lm_head_inputs(8, 16, 37, torch.float32, device, generator=generator)
+    hidden.requires_grad_()
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        logp, _ = linear_logp(hidden, weight, targets)
+    expected, _ = selective_logp_reference(hidden.bfloat16(), weight.bfloat16(), targets)
+    torch.testing.assert_close(logp, expected.float(), atol=1e-3, rtol=0)
+    logp.sum().backward()
+    assert hidden.grad.dtype == torch.float32 and torch.isfinite(hidden.grad).all()

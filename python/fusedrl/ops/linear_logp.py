@@ -91,6 +91,12 @@ def linear_logp(
     logp is float32 (float64 for float64 inputs) and differentiable w.r.t. hidden, weight and bias;
     entropy is a metric without gradient. chunk_size (tokens per chunk) defaults to a memory budget.
     """
+    device_type = hidden.device.type
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        # As nn.Linear under autocast: the lm-head GEMM runs in the autocast dtype.
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
     needs_grad = torch.is_grad_enabled() and (
         hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
     head_trainable = weight.requires_grad or (bias is not None and bias.requires_grad)

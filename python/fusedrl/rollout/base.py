@@ -92,6 +92,11 @@ class RolloutOutput:
 class RolloutEngine(Protocol):
     """What the trainer needs from a generation backend."""
 
+    # True when the sampler computes its logprobs with other kernels or weights than the trainer (vLLM), so that
+    # the trainer's vllm_importance_sampling_correction has a mismatch to correct; False for an engine that samples
+    # from the training model itself.
+    sampler_differs_from_trainer: bool
+
     def generate(
         self,
         prompt_ids: list[list[int]],

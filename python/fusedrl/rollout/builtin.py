@@ -74,6 +74,8 @@ def _as_id_list(value: int | list[int] | torch.Tensor | None) -> list[int]:
 class BuiltinEngine:
     """Generates completions with the training model (a transformers causal LM or a peft model around one)."""
 
+    sampler_differs_from_trainer = False  # it samples from the training model itself
+
     def __init__(self, model: torch.nn.Module, tokenizer: transformers.PreTrainedTokenizerBase) -> None:
         if not callable(getattr(model, "generate", None)):
             raise TypeError(f"model must be a transformers causal LM (with .generate), got {type(model).__name__}")
@@ -210,9 +212,9 @@ class BuiltinEngine:
         )
 
     def sleep(self) -> None:
-        """Free cached generation memory so training can use it."""
-        gc.collect()
+        """Free cached generation memory so training can use it (the CUDA caching allocator's; a CPU has none)."""
         if torch.cuda.is_available():
+            gc.collect()
             torch.cuda.empty_cache()
 
     def wake(self) -> None:

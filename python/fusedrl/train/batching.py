@@ -185,24 +185,31 @@ class TrainingBatch:
         permutation = torch.randperm(len(self), generator=generator).to(self.prompt_ids.device)
         return self._map_rows(permutation)
 
-    def split(self, num_chunks: int) -> list[TrainingBatch]:
-        """`num_chunks` consecutive equal slices of the rows, each trimmed of all-padding columns."""
+    def split(self, num_chunks: int, *, trim_completions: bool = True) -> list[TrainingBatch]:
+        """`num_chunks` consecutive equal slices of the rows, each trimmed of all-padding columns (see `trimmed`)."""
         if num_chunks < 1 or len(self) % num_chunks != 0:
             raise ValueError(f"cannot split a batch of {len(self)} rows into {num_chunks} equal micro-batches")
         size = len(self) // num_chunks
-        return [self._map_rows(slice(i * size, (i + 1) * size)).trimmed() for i in range(num_chunks)]
+        return [
+            self._map_rows(slice(i * size, (i + 1) * size)).trimmed(completions=trim_completions)
+            for i in range(num_chunks)
+        ]
 
-    def trimmed(self) -> TrainingBatch:
-        """Drop leading prompt columns and trailing completion columns that are padding in every row.
+    def trimmed(self, *, completions: bool = True) -> TrainingBatch:
+        """Drop leading prompt columns and (if `completions`) trailing completion columns that are padding in every
+        row.
 
         Leading prompt padding has no effect on the model's outputs (the attention mask hides it) and trailing
-        completion columns with mask 0 everywhere never enter the loss, so this only saves compute. At least one
-        column of each is kept.
+        completion columns with mask 0 everywhere never enter the loss, so this only saves compute, except for a
+        loss that averages over padding columns too (token-level luspo), whose caller keeps the completion width.
+        At least one column of each is kept.
         """
         prompt_used = self.prompt_mask.any(dim=0).nonzero()
         first_prompt = int(prompt_used[0].item()) if prompt_used.numel() else self.prompt_mask.shape[1] - 1
         completion_used = self.completion_mask.any(dim=0).nonzero()
         end_completion = int(completion_used[-1].item()) + 1 if completion_used.numel() else 1
+        if not completions:
+            end_completion = self.completion_mask.shape[1]
         per_token = {
             name: None if getattr(self, name) is None else getattr(self, name)[:, :end_completion]
             for name in ("completion_ids", "completion_mask", "old_logp", "ref_logp", "sampling_logp")

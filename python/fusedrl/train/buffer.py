@@ -63,6 +63,27 @@ class GenerationBuffer(Generic[MicroBatch]):
         self.micro_step += 1
         return micro_batch
 
+    @property
+    def stored_round(self) -> list[MicroBatch] | None:
+        """The micro-batches of the current round (None before the first), e.g. for checkpointing mid-round."""
+        return None if self._stored is None else list(self._stored)
+
+    def restore(self, *, micro_step: int, rounds_generated: int, stored_round: Sequence[MicroBatch] | None) -> None:
+        """Put the buffer back where a checkpoint left it; `stored_round` None means "sample anew when due"."""
+        if stored_round is not None and len(stored_round) != self.steps_per_generation:
+            raise ValueError(
+                f"stored_round has {len(stored_round)} micro-batches, expected steps_per_generation="
+                f"{self.steps_per_generation}"
+            )
+        if stored_round is None and micro_step % self.generate_every != 0:
+            raise ValueError(
+                f"micro_step {micro_step} is in the middle of a generation round (rounds have {self.generate_every} "
+                "micro-steps), so the stored round is needed to resume it"
+            )
+        self.micro_step = micro_step
+        self.rounds_generated = rounds_generated
+        self._stored = None if stored_round is None else list(stored_round)
+
     def clear(self) -> None:
         """Forget the stored round (e.g. after loading a checkpoint): the next call samples a new one."""
         self._stored = None

@@ -30,7 +30,6 @@ from __future__ import annotations
 import copy
 import functools
 import math
-import random
 import resource
 import sys
 import time
@@ -55,7 +54,12 @@ from fusedrl.train.batching import (
 )
 from fusedrl.train.buffer import GenerationBuffer
 from fusedrl.train.config import GRPOConfig
-from fusedrl.train.optim import Precision, create_optimizer, create_precision, create_scheduler
+from fusedrl.train.optim import (
+    Precision,
+    create_optimizer,
+    create_precision,
+    create_scheduler,
+)
 
 RewardFunc = Callable[..., Sequence[float | None]]
 
@@ -121,6 +125,9 @@ class GRPOTrainer:
         self.reward_funcs, self.reward_func_names, self.reward_weights = self._check_reward_funcs(reward_funcs)
         self.train_dataset = self._check_dataset(train_dataset)
         self.engine: RolloutEngine = rollout_engine if rollout_engine is not None else BuiltinEngine(model, processing_class)
+        # TRL corrects the sampler mismatch only when vLLM samples; likewise only engines whose sampler differs.
+        self.corrects_sampler_mismatch = args.vllm_importance_sampling_correction and getattr(
+            self.engine, "sampler_differs_from_trainer", True)
         self.callbacks = list(callbacks or [])
         self.device = next(model.parameters()).device
         self.pad_token_id = self._pad_token_id()
@@ -197,8 +204,17 @@ class GRPOTrainer:
             for module in self.model.modules():
                 if isinstance(module, torch.nn.Dropout):
                     module.p = 0.0
-        if self.args.gradient_checkpointing and not getattr(self.model, "is_gradient_checkpointing", True):
+        if self.args.gradient_checkpointing and not self._is_checkpointing():
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def _is_checkpointing(self) -> bool:
+        """Whether the model already recomputes activations (models that cannot do it count as "yes")."""
+        if not callable(getattr(self.model, "gradient_checkpointing_enable", None)):
+            return True
+        for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # newer, older transformers
+            if hasattr(type(_unwrapped(self.model)), name):
+                return bool(getattr(_unwrapped(self.model), name))
+        return True
 
     def _reference_model(self) -> torch.nn.Module | None:
         """The frozen reference for the KL term: None for a peft model (its adapters are disabled instead)."""
@@ -242,20 +258,19 @@ class GRPOTrainer:
         self._round_metrics = []
         micro_batches = [self._next_micro_batch() for _ in range(self.args.gradient_accumulation_steps)]
         generation_seconds = sum(m["generation_seconds"] for m in self._round_metrics)
-        num_items_in_batch = sum(batch.num_active_tokens for batch in micro_batches)
-        loss_metrics = [self._accumulate_gradients(batch, num_items_in_batch) for batch in micro_batches]
+        loss_metrics = self.accumulate_gradients(micro_batches)
         learning_rate = self.scheduler.get_last_lr()[0]
         grad_norm = self._optimizer_step()
         training_seconds = time.perf_counter() - started - generation_seconds
         training_tokens = sum(batch.prompt_mask.sum().item() + batch.completion_mask.sum().item() for batch in micro_batches)
         return {
-            **_mean_of_dicts(loss_metrics),
+            **loss_metrics,
             **_mean_of_dicts(self._round_metrics),
             "learning_rate": float(learning_rate),
             "grad_norm": grad_norm,
             "step_seconds": time.perf_counter() - started,
-            "train_tokens_per_second": training_tokens / max(training_seconds, 1e-9),
-            "peak_memory_gb": peak_memory_gb(self.device),
+            "throughput/training_tokens_per_s": training_tokens / max(training_seconds, 1e-9),
+            "memory/peak_gb": peak_memory_gb(self.device),
         }
 
     def _next_micro_batch(self) -> TrainingBatch:
@@ -267,8 +282,7 @@ class GRPOTrainer:
         return batch
 
     def _seed_everything(self) -> None:
-        transformers.set_seed(self.args.seed)
-        random.seed(self.args.seed)
+        transformers.set_seed(self.args.seed)  # python, numpy and torch (all devices)
         self._sampling_generator = torch.Generator(self.device).manual_seed(self.args.seed)
         self._shuffle_generator = torch.Generator().manual_seed(self.args.seed)
 
@@ -296,7 +310,7 @@ class GRPOTrainer:
         advantages, reward_stats = compute_advantages(rewards, self.args.num_generations, self.args.scale_rewards)
 
         batch = self._training_batch(prompt_ids, rollout, advantages)
-        micro_batches = batch.shuffled(self._shuffle_generator).split(self.args.steps_per_generation)
+        micro_batches = self.split_micro_batches(batch.shuffled(self._shuffle_generator), self.args.steps_per_generation)
         micro_batches = [self._with_reference_logps(micro_batch) for micro_batch in micro_batches]
 
         self.last_completions = [
@@ -307,6 +321,13 @@ class GRPOTrainer:
             self._round_metrics_of(rollout, rewards_per_func, reward_stats, micro_batches, generation_seconds)
         )
         return micro_batches
+
+    def split_micro_batches(self, batch: TrainingBatch, count: int) -> list[TrainingBatch]:
+        """`count` equal micro-batches trimmed of padding columns. luspo with a per-token loss (token level, or
+        beta > 0) keeps the completion width: its loss averages over every column (TRL: the generation batch's)."""
+        per_token = self.args.importance_sampling_level == "token" or self.args.beta > 0
+        keep_width = self.args.loss_type == "luspo" and per_token
+        return batch.split(count, trim_completions=not keep_width)
 
     def _next_prompt_rows(self) -> list[dict[str, Any]]:
         round_index = self.buffer.rounds_generated
@@ -356,14 +377,14 @@ class GRPOTrainer:
             completion_ids=rollout.completion_ids.to(self.device),
             completion_mask=completion_mask,
             advantages=advantages.to(self.device),
-            sampling_logp=rollout.sampling_logp.to(self.device) if self.args.vllm_importance_sampling_correction else None,
+            sampling_logp=rollout.sampling_logp.to(self.device) if self.corrects_sampler_mismatch else None,
         )
 
     @property
     def needs_old_logp(self) -> bool:
         """TRL's rule: the policy can move between sampling and use, or the sampler correction needs it."""
         generate_every = self.args.steps_per_generation * self.args.num_iterations
-        return self.args.gradient_accumulation_steps % generate_every != 0 or self.args.vllm_importance_sampling_correction
+        return self.args.gradient_accumulation_steps % generate_every != 0 or self.corrects_sampler_mismatch
 
     def _with_reference_logps(self, batch: TrainingBatch) -> TrainingBatch:
         old_logp = self._per_token_logp(self.model, batch) if self.needs_old_logp else None
@@ -416,7 +437,7 @@ class GRPOTrainer:
             "completions/max_length": float(lengths.max()),
             "completions/clipped_ratio": float(rollout.truncated.float().mean()),
             "generation_seconds": generation_seconds,
-            "generation_tokens_per_second": float(lengths.sum()) / max(generation_seconds, 1e-9),
+            "throughput/generation_tokens_per_s": float(lengths.sum()) / max(generation_seconds, 1e-9),
         }
         for index, name in enumerate(self.reward_func_names):
             column = rewards_per_func[:, index]
@@ -477,15 +498,23 @@ class GRPOTrainer:
         metrics["loss"] = float(loss.detach())
         return loss, metrics
 
-    def _accumulate_gradients(self, batch: TrainingBatch, num_items_in_batch: int) -> dict[str, float]:
-        loss, metrics = self.micro_batch_loss(batch, num_items_in_batch)
-        if self.precision.scaler is not None:
-            self.precision.scaler.scale(loss).backward()
-        else:
-            loss.backward()
-        # "loss" summed over the micro-batches is the step's loss; _mean_of_dicts averages, so pre-multiply.
-        metrics["loss"] *= self.args.gradient_accumulation_steps
-        return metrics
+    def accumulate_gradients(self, micro_batches: Sequence[TrainingBatch]) -> dict[str, float]:
+        """Forward and backward over the micro-batches of one optimizer step; gradients add up in `.grad`.
+
+        Returns the op's metrics averaged over the micro-batches and "loss", the step's total loss.
+        """
+        num_items_in_batch = sum(batch.num_active_tokens for batch in micro_batches)
+        per_micro_batch = []
+        for batch in micro_batches:
+            loss, metrics = self.micro_batch_loss(batch, num_items_in_batch)
+            if self.precision.scaler is not None:
+                self.precision.scaler.scale(loss).backward()
+            else:
+                loss.backward()
+            per_micro_batch.append(metrics)
+        averaged = _mean_of_dicts(per_micro_batch)
+        averaged["loss"] = sum(metrics["loss"] for metrics in per_micro_batch)
+        return averaged
 
     def _optimizer_step(self) -> float:
         """Unscale, clip, step optimizer and scheduler, zero gradients; returns the pre-clip gradient norm."""
@@ -503,6 +532,12 @@ class GRPOTrainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
+
+
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a peft wrapper (or the model itself)."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) else model
 
 
 def _mean_of_dicts(dicts: list[dict[str, float]]) -> dict[str, float]:
