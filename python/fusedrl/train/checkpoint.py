@@ -418,21 +418,13 @@ def load_extra_state(checkpoint: str | os.PathLike[str]) -> dict[str, Any] | Non
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _trainer_generators(trainer: Any) -> dict[str, torch.Generator]:
-    named = {
-        "sampling": getattr(trainer, "_sampling_generator", None),
-        "shuffle": getattr(trainer, "_shuffle_generator", None),
-    }
-    return {name: gen for name, gen in named.items() if gen is not None}
-
-
 def save_trainer_checkpoint(trainer: Any, run_dir: str | os.PathLike[str], save_total_limit: int | None = None) -> Path:
     """Checkpoint a fusedrl GRPOTrainer at its current global_step (model, optimizer, scheduler, loss scaler,
     RNGs, the trainer's sampling/shuffle generators, its state, and the generation round still being trained on)."""
     import dataclasses
 
     buffer = trainer.buffer
-    stored = getattr(buffer, "_stored", None)
+    stored = buffer.stored_round
     mid_round = stored is not None and buffer.micro_step % buffer.generate_every != 0
     extra = {"generation_round": [dataclasses.asdict(batch) for batch in stored]} if mid_round else None
     state = dataclasses.asdict(trainer.state)
@@ -448,7 +440,7 @@ def save_trainer_checkpoint(trainer: Any, run_dir: str | os.PathLike[str], save_
         optimizer=trainer.optimizer,
         scheduler=trainer.scheduler,
         scaler=trainer.precision.scaler,
-        generators=_trainer_generators(trainer),
+        generators=trainer.rng_generators(),
         extra_state=extra,
         save_total_limit=save_total_limit,
     )
@@ -474,21 +466,24 @@ def restore_trainer_checkpoint(trainer: Any, checkpoint: str | os.PathLike[str])
         optimizer=trainer.optimizer,
         scheduler=trainer.scheduler,
         scaler=trainer.precision.scaler,
-        generators=_trainer_generators(trainer),
+        generators=trainer.rng_generators(),
     )
     position = state.pop("data_position")
     state.pop("max_steps", None)  # the new run's max_steps (e.g. --max-steps) wins
     for key, value in state.items():
         setattr(trainer.state, key, value)
-    trainer.buffer.rounds_generated = position["rounds_generated"]
-    trainer.buffer.micro_step = position["micro_step"]
     extra = load_extra_state(path)
-    trainer.buffer._stored = [TrainingBatch(**batch) for batch in extra["generation_round"]] if extra else None
+    trainer.buffer.restore(
+        micro_step=position["micro_step"],
+        rounds_generated=position["rounds_generated"],
+        stored_round=[TrainingBatch(**batch) for batch in extra["generation_round"]] if extra else None,
+    )
     return path
 
 
 class CheckpointCallback:
-    """GRPOTrainer callback: restore `resume_from` at train begin, save every `save_steps` and at the end."""
+    """GRPOTrainer callback: restore `resume_from` at train begin, save every `save_steps` (0: never in between)
+    and at the end."""
 
     def __init__(
         self,
@@ -497,8 +492,8 @@ class CheckpointCallback:
         save_total_limit: int | None = None,
         resume_from: str | os.PathLike[str] | None = None,
     ) -> None:
-        if isinstance(save_steps, bool) or not isinstance(save_steps, int) or save_steps < 1:
-            raise CheckpointError(f"save_steps: expected an int >= 1, got {save_steps!r}")
+        if isinstance(save_steps, bool) or not isinstance(save_steps, int) or save_steps < 0:
+            raise CheckpointError(f"save_steps: expected an int >= 0 (0: only at the end), got {save_steps!r}")
         self.run_dir = Path(run_dir)
         self.save_steps = save_steps
         self.save_total_limit = save_total_limit
@@ -512,7 +507,7 @@ class CheckpointCallback:
             self.last_saved_step = trainer.state.global_step
 
     def on_step_end(self, trainer: Any) -> None:
-        if trainer.state.global_step % self.save_steps == 0:
+        if self.save_steps and trainer.state.global_step % self.save_steps == 0:
             self._save(trainer)
 
     def on_train_end(self, trainer: Any) -> None:

@@ -281,6 +281,11 @@ class GRPOTrainer:
         self.state.epoch = self.state.micro_step / micro_steps_per_epoch
         return batch
 
+    def rng_generators(self) -> dict[str, torch.Generator]:
+        """The trainer's own generators (sampling, shuffling), for checkpoints; empty until train() seeds them."""
+        named = {"sampling": self._sampling_generator, "shuffle": self._shuffle_generator}
+        return {name: generator for name, generator in named.items() if generator is not None}
+
     def _seed_everything(self) -> None:
         transformers.set_seed(self.args.seed)  # python, numpy and torch (all devices)
         self._sampling_generator = torch.Generator(self.device).manual_seed(self.args.seed)
