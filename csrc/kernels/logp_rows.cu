@@ -1,15 +1,12 @@
 // logp_rows.cu: CUDA implementation of the row pass described in logp_rows.h.
 //
-// A thread block per row. Pass 1 streams the row once with an online (max, sum exp, sum exp * shifted z)
+// One thread block per row. Pass 1 streams the row once with an online (max, sum exp, sum exp * shifted z)
 // per thread, 16-byte vector loads where the row is aligned, then a warp-shuffle + shared-memory block
 // reduction. Pass 2 (kDirection / kScaledGrad) streams the row again and rewrites it in place with
 // d logp / d raw. Accumulation is float (double for double logits). The CPU reference is logp_rows_cpu.cpp.
-// kDirection reads each row twice: there, one persistent 1024-thread block per SM walks the rows, so the rows
-// in flight (SMs x row bytes, 40 MB for 132 SMs x V=151936 bf16) stay in L2 and the second read is an L2 hit.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include <algorithm>
 #include <cmath>
 
 #include "logp_rows.h"
@@ -17,8 +14,8 @@
 namespace fusedrl {
 namespace {
 
-constexpr int kThreads = 512;            // one-read modes: many resident blocks per SM
-constexpr int kPersistentThreads = 1024;  // kDirection: one block per SM
+constexpr int kThreads = 512;
+constexpr int kWarps = kThreads / 32;
 
 // ---------------------------------------------------------------------------------------------------------------
 // scalar conversions
@@ -65,9 +62,8 @@ __device__ __forceinline__ Stats<Acc> combine(Stats<Acc> a, Stats<Acc> b) {
   return {m, a.s * ra + b.s * rb, ra * (a.t + da * a.s) + rb * (b.t + db * b.s)};
 }
 
-template <typename Acc, int THREADS>
+template <typename Acc>
 __device__ Stats<Acc> block_reduce(Stats<Acc> v) {
-  constexpr int kWarps = THREADS / 32;
   __shared__ Acc sm[kWarps], ss[kWarps], st[kWarps];
   for (int offset = 16; offset > 0; offset >>= 1) {
     Stats<Acc> o{__shfl_xor_sync(0xffffffffu, v.m, offset), __shfl_xor_sync(0xffffffffu, v.s, offset),
@@ -110,8 +106,9 @@ struct RowMath {
   }
 };
 
-template <typename T, typename Acc, int VEC, int THREADS>
-__device__ void process_row(const LogpRowsParams& p, int64_t row) {
+template <typename T, typename Acc, int VEC>
+__global__ void __launch_bounds__(kThreads) logp_rows_kernel(LogpRowsParams p) {
+  const int64_t row = blockIdx.x;
   T* raw = static_cast<T*>(p.logits) + row * p.ld;
   const int64_t target = p.targets[row];
   const RowMath<T, Acc> math{Acc(p.inv_temperature), Acc(p.softcap), p.softcap > 0.0};
@@ -139,18 +136,18 @@ __device__ void process_row(const LogpRowsParams& p, int64_t row) {
         st.t += e * d;
       }
     };
-    for (int64_t i = threadIdx.x; i < n_vec; i += THREADS) {
+    for (int64_t i = threadIdx.x; i < n_vec; i += kThreads) {
       const Vec<T, VEC> chunk = raw_vec[i];
       Acc z[VEC];
 #pragma unroll
       for (int k = 0; k < VEC; ++k) z[k] = math.z(Conv<T>::load(chunk.v[k]));
       absorb(z, VEC);
     }
-    for (int64_t i = tail_begin + threadIdx.x; i < p.vocab; i += THREADS) {
+    for (int64_t i = tail_begin + threadIdx.x; i < p.vocab; i += kThreads) {
       const Acc z = math.z(Conv<T>::load(raw[i]));
       absorb(&z, 1);
     }
-    st = block_reduce<Acc, THREADS>(st);
+    st = block_reduce(st);
     const Acc log_s = log_acc(st.s);
     lse = st.m + log_s;
     if (threadIdx.x == 0) {
@@ -159,7 +156,7 @@ __device__ void process_row(const LogpRowsParams& p, int64_t row) {
       if (p.entropy) static_cast<Acc*>(p.entropy)[row] = log_s - st.t / st.s;
     }
     if (p.mode == RowMode::kStats) return;
-    __syncthreads();  // thread 0 reads the target logit above before any thread overwrites it
+    __syncthreads();  // the target logit is read above before any thread overwrites it
   }
 
   const Acc scale = p.mode == RowMode::kScaledGrad ? static_cast<const Acc*>(p.row_scale)[row] : Acc(1);
@@ -167,35 +164,13 @@ __device__ void process_row(const LogpRowsParams& p, int64_t row) {
     const Acc prob = exp_acc(math.z(x) - lse);
     return Conv<T>::store(scale * ((v == target ? Acc(1) : Acc(0)) - prob) * math.dz(x));
   };
-  for (int64_t i = threadIdx.x; i < n_vec; i += THREADS) {
+  for (int64_t i = threadIdx.x; i < n_vec; i += kThreads) {
     Vec<T, VEC> chunk = raw_vec[i];
 #pragma unroll
     for (int k = 0; k < VEC; ++k) chunk.v[k] = grad(Conv<T>::load(chunk.v[k]), i * VEC + k);
     raw_vec[i] = chunk;
   }
-  for (int64_t i = tail_begin + threadIdx.x; i < p.vocab; i += THREADS) raw[i] = grad(Conv<T>::load(raw[i]), i);
-}
-
-template <typename T, typename Acc, int VEC, int THREADS>
-__global__ void __launch_bounds__(THREADS) logp_rows_kernel(LogpRowsParams p) {
-  for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
-    process_row<T, Acc, VEC, THREADS>(p, row);
-    __syncthreads();  // the next row's reduction reuses the shared memory read at the end of this one
-  }
-}
-
-template <typename T, typename Acc, int VEC>
-cudaError_t launch_vec(const LogpRowsParams& p, cudaStream_t stream) {
-  if (p.mode == RowMode::kDirection) {
-    int device = 0, sms = 0;
-    cudaGetDevice(&device);
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-    const auto blocks = static_cast<unsigned>(std::min<int64_t>(p.rows, std::max(sms, 1)));
-    logp_rows_kernel<T, Acc, VEC, kPersistentThreads><<<blocks, kPersistentThreads, 0, stream>>>(p);
-  } else {
-    logp_rows_kernel<T, Acc, VEC, kThreads><<<static_cast<unsigned>(p.rows), kThreads, 0, stream>>>(p);
-  }
-  return cudaGetLastError();
+  for (int64_t i = tail_begin + threadIdx.x; i < p.vocab; i += kThreads) raw[i] = grad(Conv<T>::load(raw[i]), i);
 }
 
 template <typename T, typename Acc>
@@ -203,7 +178,12 @@ cudaError_t launch(const LogpRowsParams& p, cudaStream_t stream) {
   if (p.rows == 0) return cudaSuccess;
   constexpr int kVec = 16 / sizeof(T);
   const bool aligned = reinterpret_cast<uintptr_t>(p.logits) % 16 == 0 && (p.ld * sizeof(T)) % 16 == 0;
-  return aligned ? launch_vec<T, Acc, kVec>(p, stream) : launch_vec<T, Acc, 1>(p, stream);
+  if (aligned) {
+    logp_rows_kernel<T, Acc, kVec><<<static_cast<unsigned>(p.rows), kThreads, 0, stream>>>(p);
+  } else {
+    logp_rows_kernel<T, Acc, 1><<<static_cast<unsigned>(p.rows), kThreads, 0, stream>>>(p);
+  }
+  return cudaGetLastError();
 }
 
 }  // namespace
