@@ -117,6 +117,7 @@ __global__ void __launch_bounds__(kThreads) logp_rows_kernel(LogpRowsParams p) {
   auto* raw_vec = reinterpret_cast<Vec<T, VEC>*>(raw);
 
   Acc lse;
+  Acc scale_shared = Acc(1);
   if (p.mode == RowMode::kScaledGrad) {
     lse = static_cast<const Acc*>(p.lse_in)[row];
   } else {
@@ -150,16 +151,20 @@ __global__ void __launch_bounds__(kThreads) logp_rows_kernel(LogpRowsParams p) {
     st = block_reduce(st);
     const Acc log_s = log_acc(st.s);
     lse = st.m + log_s;
+    __shared__ Acc loss_grad;
     if (threadIdx.x == 0) {
-      static_cast<Acc*>(p.logp)[row] = math.z(Conv<T>::load(raw[target])) - lse;
+      const Acc logp = math.z(Conv<T>::load(raw[target])) - lse;
+      static_cast<Acc*>(p.logp)[row] = logp;
       if (p.lse) static_cast<Acc*>(p.lse)[row] = lse;
       if (p.entropy) static_cast<Acc*>(p.entropy)[row] = log_s - st.t / st.s;
+      if (p.mode == RowMode::kLossGrad) loss_grad = token_loss_grad<Acc>(p.loss, row, logp);
     }
     if (p.mode == RowMode::kStats) return;
-    __syncthreads();  // the target logit is read above before any thread overwrites it
+    __syncthreads();  // the target logit is read above before any thread overwrites it; loss_grad is set
+    scale_shared = p.mode == RowMode::kLossGrad ? loss_grad : Acc(1);
   }
 
-  const Acc scale = p.mode == RowMode::kScaledGrad ? static_cast<const Acc*>(p.row_scale)[row] : Acc(1);
+  const Acc scale = p.mode == RowMode::kScaledGrad ? static_cast<const Acc*>(p.row_scale)[row] : scale_shared;
   auto grad = [&](Acc x, int64_t v) {
     const Acc prob = exp_acc(math.z(x) - lse);
     return Conv<T>::store(scale * ((v == target ? Acc(1) : Acc(0)) - prob) * math.dz(x));

@@ -9,12 +9,15 @@
 // and, on request, rewrites the chunk in place with the gradient of logp w.r.t. raw:
 //     d logp / d raw_v = scale * (onehot(target)_v - softmax(z)_v) * dz_v/draw_v,
 //     dz/draw = (1 - tanh^2(raw / c)) / temperature   (1 / temperature without softcap)
-// where scale is 1 (kDirection: the forward pass of a frozen lm-head) or a per-row coefficient
-// (kScaledGrad: the backward pass of a trainable lm-head, with lse given from the forward).
+// where scale is 1 (kDirection: the forward pass of a frozen lm-head), a per-row coefficient (kScaledGrad: the
+// backward pass of a trainable lm-head, with lse given from the forward), or the token's dL/dlogp evaluated from
+// the logp just computed (kLossGrad: a trainable lm-head's gradients in the forward pass; see token_loss.h).
 // Torch-free: raw pointers, sizes and (for CUDA) a stream.
 #pragma once
 
 #include <cstdint>
+
+#include "token_loss.h"
 
 #ifdef FUSEDRL_WITH_CUDA
 #include <cuda_runtime.h>
@@ -28,6 +31,7 @@ enum class RowMode : int {
   kStats,        // logp, lse, entropy only; the chunk is left untouched
   kDirection,    // stats, then chunk <- d logp / d raw
   kScaledGrad,   // no stats: chunk <- row_scale * d logp / d raw, using lse_in
+  kLossGrad,     // stats, then chunk <- dL/dlogp * d logp / d raw with dL/dlogp from `loss`
 };
 
 // Output and coefficient arrays hold the accumulation type: double when kind == kFloat64, else float.
@@ -42,11 +46,12 @@ struct LogpRowsParams {
   double inv_temperature = 1.0;
   double softcap = 0.0;            // <= 0: no softcap
 
-  void* logp = nullptr;            // (rows), kStats / kDirection
-  void* lse = nullptr;             // (rows) or null, kStats / kDirection
-  void* entropy = nullptr;         // (rows) or null, kStats / kDirection
+  void* logp = nullptr;            // (rows), all modes but kScaledGrad
+  void* lse = nullptr;             // (rows) or null, all modes but kScaledGrad
+  void* entropy = nullptr;         // (rows) or null, all modes but kScaledGrad
   const void* lse_in = nullptr;    // (rows), kScaledGrad
   const void* row_scale = nullptr; // (rows), kScaledGrad
+  TokenLossParams loss;            // kLossGrad; its arrays are indexed by the same row as `targets`
 };
 
 // Rows [row_begin, row_end) on the calling thread. Callers parallelise over row ranges.

@@ -70,7 +70,9 @@ void process_row(const LogpRowsParams& p, int64_t row) {
     if (p.mode == RowMode::kStats) return;
   }
 
-  const Acc scale = p.mode == RowMode::kScaledGrad ? static_cast<const Acc*>(p.row_scale)[row] : Acc(1);
+  Acc scale = Acc(1);
+  if (p.mode == RowMode::kScaledGrad) scale = static_cast<const Acc*>(p.row_scale)[row];
+  if (p.mode == RowMode::kLossGrad) scale = token_loss_grad<Acc>(p.loss, row, static_cast<Acc*>(p.logp)[row]);
   for (int64_t v = 0; v < p.vocab; ++v) {
     const Acc x = Element<Storage>::load(raw + v);
     const Acc prob = std::exp(final_logit(x) - lse);

@@ -41,6 +41,16 @@ TORCH_LIBRARY(fusedrl, m) {
       "fused_linear_logp_backward(Tensor grad_logp, Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, "
       "Tensor lse, float temperature, float? logit_softcap, bool[3] output_mask, int? chunk_size) "
       "-> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
+
+  // Token-level GRPO-family loss with a trainable lm-head: logp, entropy and the loss's gradients w.r.t. hidden,
+  // weight and bias (selected by output_mask) in one pass, with dL/dlogp evaluated per token inside the row pass
+  // (csrc/kernels/token_loss.h). loss_kind: 0 clipped (grpo, bnpo, dr_grpo, dapo), 1 cispo, 2 sapo.
+  m.def(
+      "fused_linear_token_loss(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, float temperature, "
+      "float? logit_softcap, bool return_entropy, Tensor? old_logp, Tensor advantages, Tensor? ref_logp, "
+      "Tensor policy_weight, Tensor kl_weight, int loss_kind, float epsilon_low, float epsilon_high, float? delta, "
+      "float sapo_temperature_pos, float sapo_temperature_neg, bool[3] output_mask, int? chunk_size) "
+      "-> (Tensor logp, Tensor entropy, Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
 }
 
 }  // namespace fusedrl

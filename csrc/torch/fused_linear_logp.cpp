@@ -183,6 +183,93 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_logp_backward(
   return {grad_hidden, grad_weight, grad_bias};
 }
 
+TokenLossInputs token_loss_inputs(const std::optional<at::Tensor>& old_logp, const at::Tensor& advantages,
+                                  const std::optional<at::Tensor>& ref_logp, const at::Tensor& policy_weight,
+                                  const at::Tensor& kl_weight, int64_t loss_kind, double epsilon_low,
+                                  double epsilon_high, std::optional<double> delta, double sapo_temperature_pos,
+                                  double sapo_temperature_neg) {
+  TORCH_CHECK(loss_kind >= 0 && loss_kind <= 2, "fused_linear_token_loss: loss_kind must be 0 (clipped), 1 (cispo) "
+              "or 2 (sapo), got ", loss_kind);
+  TORCH_CHECK(!delta || *delta > 0.0, "fused_linear_token_loss: delta must be > 0 or None, got ", delta.value_or(0));
+  TokenLossInputs inputs{old_logp, advantages, ref_logp, policy_weight, kl_weight, {}};
+  inputs.scalars.kind = static_cast<PolicyLossKind>(loss_kind);
+  inputs.scalars.epsilon_low = epsilon_low;
+  inputs.scalars.epsilon_high = epsilon_high;
+  inputs.scalars.delta = delta.value_or(0.0);
+  inputs.scalars.sapo_temperature_pos = sapo_temperature_pos;
+  inputs.scalars.sapo_temperature_neg = sapo_temperature_neg;
+  return inputs;
+}
+
+namespace {
+
+// Each per-token input: (N,), the accumulation dtype, on hidden's device; made contiguous.
+at::Tensor per_token(const at::Tensor& t, const char* name, const at::Tensor& hidden) {
+  const auto acc = accumulation_type(hidden.scalar_type());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == hidden.size(0), "fused_linear_token_loss: ", name, " must have shape (",
+              hidden.size(0), ",), got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == acc, "fused_linear_token_loss: ", name, " must be ", acc, ", got ", t.scalar_type());
+  TORCH_CHECK(t.device() == hidden.device(), "fused_linear_token_loss: ", name, " is on ", t.device(),
+              " but hidden is on ", hidden.device());
+  return t.contiguous();
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_token_loss(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& targets, double temperature, std::optional<double> logit_softcap, bool return_entropy,
+    const TokenLossInputs& loss, std::array<bool, 3> output_mask, std::optional<int64_t> chunk_size,
+    ChunkBackend& backend) {
+  check_inputs(hidden, weight, bias, targets, temperature, logit_softcap, chunk_size);
+  const int64_t n = hidden.size(0), vocab = weight.size(0);
+  const at::Tensor advantages = per_token(loss.advantages, "advantages", hidden);
+  const at::Tensor policy_weight = per_token(loss.policy_weight, "policy_weight", hidden);
+  const at::Tensor kl_weight = per_token(loss.kl_weight, "kl_weight", hidden);
+  const std::optional<at::Tensor> old_logp =
+      loss.old_logp ? std::optional<at::Tensor>(per_token(*loss.old_logp, "old_logp", hidden)) : std::nullopt;
+  const std::optional<at::Tensor> ref_logp =
+      loss.ref_logp ? std::optional<at::Tensor>(per_token(*loss.ref_logp, "ref_logp", hidden)) : std::nullopt;
+
+  const auto acc_options = hidden.options().dtype(accumulation_type(hidden.scalar_type()));
+  at::Tensor logp = at::empty({n}, acc_options);
+  at::Tensor entropy = at::empty({return_entropy ? n : 0}, acc_options);
+  const bool want_hidden = output_mask[0], want_weight = output_mask[1], want_bias = output_mask[2] && bias;
+  at::Tensor grad_hidden = want_hidden ? at::empty({n, hidden.size(1)}, hidden.options()) : at::empty({0}, hidden.options());
+  at::Tensor grad_weight = want_weight ? at::zeros_like(weight, at::MemoryFormat::Contiguous) : at::empty({0}, weight.options());
+  at::Tensor grad_bias = want_bias ? at::zeros({vocab}, weight.options()) : at::empty({0}, weight.options());
+
+  const at::Tensor targets_c = targets.contiguous();
+  const int64_t chunk = rows_per_chunk(hidden, vocab, chunk_size, backend);
+  at::Tensor buffer = at::empty({std::min(chunk, std::max<int64_t>(n, 1)), vocab}, hidden.options());
+  const bool want_grads = want_hidden || want_weight || want_bias;
+
+  for (int64_t start = 0; start < n; start += chunk) {
+    const int64_t rows = std::min(chunk, n - start);
+    const at::Tensor h = hidden.narrow(0, start, rows);
+    at::Tensor logits = buffer.narrow(0, 0, rows);
+    chunk_logits(logits, h, weight, bias);
+    LogpRowsParams p = row_params(logits, targets_c, start, temperature, logit_softcap,
+                                  want_grads ? RowMode::kLossGrad : RowMode::kStats);
+    p.logp = acc_ptr(logp, start);
+    p.entropy = return_entropy ? acc_ptr(entropy, start) : nullptr;
+    p.loss = loss.scalars;
+    p.loss.advantage = acc_ptr(advantages, start);
+    p.loss.policy_weight = acc_ptr(policy_weight, start);
+    p.loss.kl_weight = acc_ptr(kl_weight, start);
+    p.loss.old_logp = old_logp ? acc_ptr(*old_logp, start) : nullptr;
+    p.loss.ref_logp = ref_logp ? acc_ptr(*ref_logp, start) : nullptr;
+    backend.run_rows(p);
+    if (want_hidden) {
+      at::Tensor out = grad_hidden.narrow(0, start, rows);
+      at::mm_out(out, logits, weight);
+    }
+    if (want_weight) grad_weight.addmm_(logits.t(), h);
+    if (want_bias) grad_bias.add_(logits.sum(0));
+  }
+  return {logp, entropy, grad_hidden, grad_weight, grad_bias};
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // CPU registration
 
@@ -218,11 +305,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_logp_backward_cpu(
                                     output_mask, chunk_size, backend);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_token_loss_cpu(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& targets, double temperature, std::optional<double> logit_softcap, bool return_entropy,
+    const std::optional<at::Tensor>& old_logp, const at::Tensor& advantages, const std::optional<at::Tensor>& ref_logp,
+    const at::Tensor& policy_weight, const at::Tensor& kl_weight, int64_t loss_kind, double epsilon_low,
+    double epsilon_high, std::optional<double> delta, double sapo_temperature_pos, double sapo_temperature_neg,
+    std::array<bool, 3> output_mask, std::optional<int64_t> chunk_size) {
+  CpuBackend backend;
+  return fused_linear_token_loss(
+      hidden, weight, bias, targets, temperature, logit_softcap, return_entropy,
+      token_loss_inputs(old_logp, advantages, ref_logp, policy_weight, kl_weight, loss_kind, epsilon_low,
+                        epsilon_high, delta, sapo_temperature_pos, sapo_temperature_neg),
+      output_mask, chunk_size, backend);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedrl, CPU, m) {
   m.impl("fused_linear_logp", &fused_linear_logp_cpu);
   m.impl("fused_linear_logp_backward", &fused_linear_logp_backward_cpu);
+  m.impl("fused_linear_token_loss", &fused_linear_token_loss_cpu);
 }
 
 }  // namespace fusedrl

@@ -37,4 +37,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_logp_backward(
     std::optional<double> logit_softcap, std::array<bool, 3> output_mask, std::optional<int64_t> chunk_size,
     ChunkBackend& backend);
 
+// The token-level GRPO-family loss's gradients in the forward pass, for a trainable lm-head: per chunk, one GEMM
+// for the logits, the row pass in kLossGrad mode, two GEMMs for the gradients. Per-token inputs are (N,) in the
+// accumulation type; old_logp / ref_logp may be absent. Gradients are those of the loss (not yet scaled by an
+// upstream gradient). -> (logp, entropy or (0), grad_hidden or (0), grad_weight or (0), grad_bias or (0))
+struct TokenLossInputs {
+  std::optional<at::Tensor> old_logp;
+  at::Tensor advantages;
+  std::optional<at::Tensor> ref_logp;
+  at::Tensor policy_weight;
+  at::Tensor kl_weight;
+  TokenLossParams scalars;  // kind, epsilons, delta, SAPO temperatures; its pointers are filled per chunk
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_token_loss(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& targets, double temperature, std::optional<double> logit_softcap, bool return_entropy,
+    const TokenLossInputs& loss, std::array<bool, 3> output_mask, std::optional<int64_t> chunk_size,
+    ChunkBackend& backend);
+
+// The schema's argument list, shared by the CPU and CUDA registrations.
+TokenLossInputs token_loss_inputs(const std::optional<at::Tensor>& old_logp, const at::Tensor& advantages,
+                                  const std::optional<at::Tensor>& ref_logp, const at::Tensor& policy_weight,
+                                  const at::Tensor& kl_weight, int64_t loss_kind, double epsilon_low,
+                                  double epsilon_high, std::optional<double> delta, double sapo_temperature_pos,
+                                  double sapo_temperature_neg);
+
 }  // namespace fusedrl

@@ -41,11 +41,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_logp_backward_cuda(
                                     output_mask, chunk_size, backend);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_token_loss_cuda(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& targets, double temperature, std::optional<double> logit_softcap, bool return_entropy,
+    const std::optional<at::Tensor>& old_logp, const at::Tensor& advantages, const std::optional<at::Tensor>& ref_logp,
+    const at::Tensor& policy_weight, const at::Tensor& kl_weight, int64_t loss_kind, double epsilon_low,
+    double epsilon_high, std::optional<double> delta, double sapo_temperature_pos, double sapo_temperature_neg,
+    std::array<bool, 3> output_mask, std::optional<int64_t> chunk_size) {
+  const c10::cuda::CUDAGuard guard(hidden.device());
+  CudaBackend backend;
+  return fused_linear_token_loss(
+      hidden, weight, bias, targets, temperature, logit_softcap, return_entropy,
+      token_loss_inputs(old_logp, advantages, ref_logp, policy_weight, kl_weight, loss_kind, epsilon_low,
+                        epsilon_high, delta, sapo_temperature_pos, sapo_temperature_neg),
+      output_mask, chunk_size, backend);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedrl, CUDA, m) {
   m.impl("fused_linear_logp", &fused_linear_logp_cuda);
   m.impl("fused_linear_logp_backward", &fused_linear_logp_backward_cuda);
+  m.impl("fused_linear_token_loss", &fused_linear_token_loss_cuda);
 }
 
 }  // namespace fusedrl

@@ -18,8 +18,11 @@ OPS = {
                           "tests/ops/test_linear_logp.py", "bench/bench_grpo_loss.py"),
     "fused_linear_logp_backward": ("python/fusedrl/ops/linear_logp.py", "selective_logp_reference",
                                    "tests/ops/test_linear_logp.py", "bench/bench_grpo_loss.py"),
+    "fused_linear_token_loss": ("python/fusedrl/ops/trainable_head.py", "grpo_loss_reference",
+                                "tests/ops/test_trainable_head.py", "bench/bench_grpo_loss.py"),
 }
-KERNELS = {"fused_linear_logp": "logp_rows", "fused_linear_logp_backward": "logp_rows"}
+KERNELS = {"fused_linear_logp": "logp_rows", "fused_linear_logp_backward": "logp_rows",
+           "fused_linear_token_loss": "logp_rows"}
 
 
 def declared_ops() -> set[str]:

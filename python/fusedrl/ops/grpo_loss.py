@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 import torch
 
+from . import trainable_head
 from .linear_logp import linear_logp
 from .options import LossOptions
 from .policy_loss import policy_loss
@@ -70,6 +71,13 @@ def grpo_loss(
         sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg)
     check_loss_inputs(hidden, lm_head_weight, completion_ids, completion_mask, advantages, old_logp=old_logp,
                       ref_logp=ref_logp, sampling_logp=sampling_logp, opts=opts)
+    head_trainable = torch.is_grad_enabled() and (
+        lm_head_weight.requires_grad or (lm_head_bias is not None and lm_head_bias.requires_grad))
+    if head_trainable and trainable_head.eligible(opts, old_logp):  # gradients from the forward pass: 3 GEMMs
+        return GRPOLossOutput(*trainable_head.grpo_loss_trainable_head(
+            hidden, lm_head_weight, lm_head_bias, completion_ids, completion_mask, advantages, opts,
+            old_logp=old_logp, ref_logp=ref_logp, sampling_logp=sampling_logp, num_items_in_batch=num_items_in_batch,
+            return_entropy=return_entropy, chunk_size=chunk_size))
     batch, width, size = hidden.shape
     logp, entropy = linear_logp(hidden.reshape(batch * width, size), lm_head_weight, completion_ids.reshape(-1),
                                 lm_head_bias, temperature=temperature, logit_softcap=logit_softcap,

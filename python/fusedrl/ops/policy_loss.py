@@ -43,7 +43,7 @@ def policy_loss(
     per_token, ratio_for_clip_metrics = _surrogate(ratio, adv, logp, opts)
     sampler_weight = None
     if opts.vllm_importance_sampling_correction:
-        sampler_weight = _sampler_correction(old, sampling_logp.to(dtype), mask, opts)
+        sampler_weight = sampler_correction(old, sampling_logp.to(dtype), mask, opts)
         per_token = per_token * sampler_weight
     kl = None
     if opts.beta != 0.0:
@@ -72,7 +72,7 @@ def _surrogate(ratio, adv, logp, opts: LossOptions):
     return -torch.min(ratio * adv, clipped * adv), ratio
 
 
-def _sampler_correction(old, sampling_logp, mask, opts: LossOptions):
+def sampler_correction(old, sampling_logp, mask, opts: LossOptions):
     """Weight correcting for the sampler (e.g. vLLM) disagreeing with the trainer; no gradient."""
     diff = (old - sampling_logp) * mask
     if opts.vllm_importance_sampling_mode.startswith("sequence"):
