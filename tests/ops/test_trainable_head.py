@@ -44,7 +44,7 @@ def grads(fn, batch, bias, scale=1.0, **options):
 @pytest.mark.parametrize("option_set", list(OPTIONS))
 def test_forward_gradients_match_reference(device, loss_type, option_set, generator):
     options = dict(OPTIONS[option_set], loss_type=loss_type)
-    assert eligible(LossOptions(**{k: v for k, v in options.items()}), old_logp=torch.zeros(1))
+    assert eligible(LossOptions(**options), old_logp=torch.zeros(1), dtype=torch.float64)
     batch = make_batch(5, 7, 6, 37, device=device, generator=generator)
     bias = (torch.randn(37, generator=generator, dtype=torch.float64) * 0.5).to(device)
     ours, our_grads = grads(grpo_loss, batch, bias, scale=-1.7, chunk_size=6, **options)
@@ -87,10 +87,13 @@ def test_gradcheck(generator):
 
 
 def test_ineligible_configurations_use_the_generic_path():
-    assert not eligible(LossOptions(importance_sampling_level="sequence"), old_logp=None)
-    assert not eligible(LossOptions(loss_type="luspo"), old_logp=None)
-    assert not eligible(LossOptions(vllm_importance_sampling_correction=True), old_logp=None)
-    assert eligible(LossOptions(vllm_importance_sampling_correction=True), old_logp=torch.zeros(1))
+    fp32 = torch.float32
+    assert not eligible(LossOptions(importance_sampling_level="sequence"), old_logp=None, dtype=fp32)
+    assert not eligible(LossOptions(loss_type="luspo"), old_logp=None, dtype=fp32)
+    assert not eligible(LossOptions(vllm_importance_sampling_correction=True), old_logp=None, dtype=fp32)
+    assert not eligible(LossOptions(), old_logp=None, dtype=torch.float16)
+    assert eligible(LossOptions(vllm_importance_sampling_correction=True), old_logp=torch.zeros(1), dtype=fp32)
+    assert eligible(LossOptions(), old_logp=None, dtype=torch.bfloat16)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -108,7 +111,7 @@ def test_opcheck(device, generator):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])  # float16: the generic path
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "sapo"])
 def test_cuda_low_precision_no_worse_than_naive(dtype, loss_type, generator):
     """bf16/fp16/fp32 on CUDA: gradients of all three inputs no worse than naive autograd in the same dtype
@@ -125,3 +128,19 @@ def test_cuda_low_precision_no_worse_than_naive(dtype, loss_type, generator):
         err, naive_err = (mine.double() - exact).abs().max(), (theirs.double() - exact).abs().max()
         rounding = (chunks + 2) * torch.finfo(dtype).eps * exact.abs().max()
         assert err <= 2 * naive_err + rounding, f"grad {name}: {err} vs naive {naive_err} (seed {generator.initial_seed()})"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_with_float32_parameters(device, generator):
+    """bf16 autocast over float32 hidden and head (a LoRA or fp16-style setup): the head runs in bf16 and the
+    gradients arrive in float32, close to naive autograd under the same autocast."""
+    batch = make_batch(4, 6, 16, 53, dtype=torch.float32, device=device, generator=generator)
+    bias = torch.zeros(53, device=device)
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        _, ours = grads(grpo_loss, batch, bias, loss_type="dapo", beta=0.02)
+    naive_batch = dict(batch, hidden=batch["hidden"].bfloat16(), weight=batch["weight"].bfloat16())
+    _, naive = grads(grpo_loss_reference, naive_batch, bias.bfloat16(), loss_type="dapo", beta=0.02)
+    for mine, theirs in zip(ours, naive):
+        assert mine.dtype == torch.float32 and torch.isfinite(mine).all()
+        scale = float(theirs.float().abs().max())
+        torch.testing.assert_close(mine, theirs.float(), atol=0.05 * scale, rtol=0)

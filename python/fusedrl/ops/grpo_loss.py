@@ -73,7 +73,7 @@ def grpo_loss(
                       ref_logp=ref_logp, sampling_logp=sampling_logp, opts=opts)
     head_trainable = torch.is_grad_enabled() and (
         lm_head_weight.requires_grad or (lm_head_bias is not None and lm_head_bias.requires_grad))
-    if head_trainable and trainable_head.eligible(opts, old_logp):  # gradients from the forward pass: 3 GEMMs
+    if head_trainable and trainable_head.eligible(opts, old_logp, trainable_head.compute_dtype(hidden)):  # gradients from the forward pass: 3 GEMMs
         return GRPOLossOutput(*trainable_head.grpo_loss_trainable_head(
             hidden, lm_head_weight, lm_head_bias, completion_ids, completion_mask, advantages, opts,
             old_logp=old_logp, ref_logp=ref_logp, sampling_logp=sampling_logp, num_items_in_batch=num_items_in_batch,

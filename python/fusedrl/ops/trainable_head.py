@@ -7,7 +7,8 @@ pass and produces the gradients of hidden, weight and bias with three GEMMs. The
 policy_loss on the returned logp; autograd receives the precomputed gradients and scales them by grad_output.
 
 Not eligible (and served by the generic path): sequence-level importance sampling (GSPO couples a sequence's
-tokens), luspo, and the sampler correction without old_logp (its weight would depend on the current logp).
+tokens), luspo, the sampler correction without old_logp (its weight would depend on the current logp), and
+float16: its gradients must be formed after a loss scaler has scaled grad_output, or small ones underflow.
 """
 
 from __future__ import annotations
@@ -23,9 +24,18 @@ _OP = torch.ops.fusedrl.fused_linear_token_loss
 LOSS_KINDS = {"grpo": 0, "bnpo": 0, "dr_grpo": 0, "dapo": 0, "cispo": 1, "sapo": 2}
 
 
-def eligible(opts: LossOptions, old_logp: torch.Tensor | None) -> bool:
+def eligible(opts: LossOptions, old_logp: torch.Tensor | None, dtype: torch.dtype) -> bool:
+    """Whether the forward-gradient path serves this configuration; `dtype` is the lm-head GEMM's dtype."""
     return (opts.importance_sampling_level == "token" and opts.loss_type in LOSS_KINDS
-            and (not opts.vllm_importance_sampling_correction or old_logp is not None))
+            and (not opts.vllm_importance_sampling_correction or old_logp is not None) and dtype != torch.float16)
+
+
+def compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The dtype the lm-head GEMM runs in: the autocast dtype when autocast is on (as nn.Linear), else hidden's."""
+    device_type = hidden.device.type
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return hidden.dtype
 
 
 @torch.library.register_fake("fusedrl::fused_linear_token_loss")
@@ -53,7 +63,8 @@ class _PrecomputedGradients(torch.autograd.Function):
     def backward(ctx, grad):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         hidden_shape, hidden_dtype, weight_dtype = ctx.shapes
-        scale = lambda g, dtype: (g * grad.to(g.dtype)).to(dtype)  # noqa: E731
+        # In the input's dtype (e.g. float32 parameters under bf16 autocast), so a loss scale cannot overflow.
+        scale = lambda g, dtype: g.to(dtype) * grad.to(dtype)  # noqa: E731
         return (None,
                 scale(grad_hidden, hidden_dtype).view(hidden_shape) if ctx.needs_input_grad[1] else None,
                 scale(grad_weight, weight_dtype) if ctx.needs_input_grad[2] else None,
@@ -84,12 +95,9 @@ def grpo_loss_trainable_head(hidden, weight, bias, completion_ids, completion_ma
                              old_logp, ref_logp, sampling_logp, num_items_in_batch, return_entropy, chunk_size):
     """-> (loss, logp (B, T), entropy or None, metrics) for an eligible configuration (see `eligible`)."""
     batch, width, size = hidden.shape
-    run_hidden, run_weight, run_bias = hidden, weight, bias
-    device_type = hidden.device.type
-    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)  # as nn.Linear under autocast
-        run_hidden, run_weight = hidden.to(dtype), weight.to(dtype)
-        run_bias = None if bias is None else bias.to(dtype)
+    dtype = compute_dtype(hidden)
+    run_hidden, run_weight = hidden.to(dtype), weight.to(dtype)
+    run_bias = None if bias is None else bias.to(dtype)
     acc = torch.float64 if run_hidden.dtype == torch.float64 else torch.float32
     with torch.no_grad():
         mask = completion_mask.bool().to(acc)
