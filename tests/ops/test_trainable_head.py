@@ -126,7 +126,9 @@ def test_cuda_low_precision_no_worse_than_naive(dtype, loss_type, generator):
     chunks = -(-6 * 33 // 64)
     for name, mine, theirs, exact in zip(("hidden", "weight", "bias"), ours, naive, truth):
         err, naive_err = (mine.double() - exact).abs().max(), (theirs.double() - exact).abs().max()
-        rounding = (chunks + 2) * torch.finfo(dtype).eps * exact.abs().max()
+        # one rounding to the dtype per chunk (+2 for d logp / d raw and the GEMM output), plus the fp32
+        # accumulation noise of a length-V dot product (cuBLAS sums in another order than naive autograd)
+        rounding = ((chunks + 2) * torch.finfo(dtype).eps + 1031 * torch.finfo(torch.float32).eps) * exact.abs().max()
         assert err <= 2 * naive_err + rounding, f"grad {name}: {err} vs naive {naive_err} (seed {generator.initial_seed()})"
 
 
