@@ -95,6 +95,31 @@ LogpRowsParams row_params(at::Tensor& logits, const at::Tensor& targets, int64_t
   return p;
 }
 
+// Gradients w.r.t. hidden, weight and bias (each only if requested, else an empty tensor), accumulated from
+// chunks of d loss / d raw logits: grad_hidden[chunk] = G @ W, grad_weight += G^T @ h, grad_bias += sum_rows G.
+struct ChunkGradients {
+  at::Tensor hidden, weight, bias;
+
+  ChunkGradients(const at::Tensor& hidden_in, const at::Tensor& weight_in, bool has_bias, std::array<bool, 3> mask)
+      : hidden(mask[0] ? at::empty({hidden_in.size(0), hidden_in.size(1)}, hidden_in.options())
+                       : at::empty({0}, hidden_in.options())),
+        weight(mask[1] ? at::zeros_like(weight_in, at::MemoryFormat::Contiguous) : at::empty({0}, weight_in.options())),
+        bias(mask[2] && has_bias ? at::zeros({weight_in.size(0)}, weight_in.options())
+                                 : at::empty({0}, weight_in.options())) {}
+
+  bool any() const { return hidden.numel() > 0 || weight.numel() > 0 || bias.numel() > 0; }
+
+  void add(const at::Tensor& grad_logits, const at::Tensor& hidden_chunk, const at::Tensor& weight_in,
+           int64_t start) {
+    if (hidden.numel() > 0) {
+      at::Tensor out = hidden.narrow(0, start, grad_logits.size(0));
+      at::mm_out(out, grad_logits, weight_in);
+    }
+    if (weight.numel() > 0) weight.addmm_(grad_logits.t(), hidden_chunk);
+    if (bias.numel() > 0) bias.add_(grad_logits.sum(0));
+  }
+};
+
 // Pointer to element `start` of a 1-D accumulation-type tensor, or null for an empty one.
 void* acc_ptr(const at::Tensor& t, int64_t start) {
   if (t.numel() == 0) return nullptr;
@@ -152,11 +177,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_logp_backward(
               lse.scalar_type());
   TORCH_CHECK(grad_logp.device() == hidden.device() && lse.device() == hidden.device(),
               "fused_linear_logp_backward: grad_logp and lse must be on ", hidden.device());
-  const bool want_hidden = output_mask[0], want_weight = output_mask[1], want_bias = output_mask[2] && bias;
-  at::Tensor grad_hidden = want_hidden ? at::empty({n, hidden.size(1)}, hidden.options()) : at::empty({0}, hidden.options());
-  at::Tensor grad_weight = want_weight ? at::zeros_like(weight, at::MemoryFormat::Contiguous) : at::empty({0}, weight.options());
-  at::Tensor grad_bias = want_bias ? at::zeros({vocab}, weight.options()) : at::empty({0}, weight.options());
-  if (!want_hidden && !want_weight && !want_bias) return {grad_hidden, grad_weight, grad_bias};
+  ChunkGradients grads(hidden, weight, bias.has_value(), output_mask);
+  if (!grads.any() || n == 0) return {grads.hidden, grads.weight, grads.bias};
 
   const at::Tensor scale = grad_logp.to(acc_type).contiguous();
   const at::Tensor lse_c = lse.contiguous();
@@ -173,14 +195,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_logp_backward(
     p.lse_in = acc_ptr(lse_c, start);
     p.row_scale = acc_ptr(scale, start);
     backend.run_rows(p);
-    if (want_hidden) {
-      at::Tensor out = grad_hidden.narrow(0, start, rows);
-      at::mm_out(out, logits, weight);
-    }
-    if (want_weight) grad_weight.addmm_(logits.t(), h);
-    if (want_bias) grad_bias.add_(logits.sum(0));
+    grads.add(logits, h, weight, start);
   }
-  return {grad_hidden, grad_weight, grad_bias};
+  return {grads.hidden, grads.weight, grads.bias};
 }
 
 TokenLossInputs token_loss_inputs(const std::optional<at::Tensor>& old_logp, const at::Tensor& advantages,
@@ -234,15 +251,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_lin
   const auto acc_options = hidden.options().dtype(accumulation_type(hidden.scalar_type()));
   at::Tensor logp = at::empty({n}, acc_options);
   at::Tensor entropy = at::empty({return_entropy ? n : 0}, acc_options);
-  const bool want_hidden = output_mask[0], want_weight = output_mask[1], want_bias = output_mask[2] && bias;
-  at::Tensor grad_hidden = want_hidden ? at::empty({n, hidden.size(1)}, hidden.options()) : at::empty({0}, hidden.options());
-  at::Tensor grad_weight = want_weight ? at::zeros_like(weight, at::MemoryFormat::Contiguous) : at::empty({0}, weight.options());
-  at::Tensor grad_bias = want_bias ? at::zeros({vocab}, weight.options()) : at::empty({0}, weight.options());
+  ChunkGradients grads(hidden, weight, bias.has_value(), output_mask);
 
   const at::Tensor targets_c = targets.contiguous();
   const int64_t chunk = rows_per_chunk(hidden, vocab, chunk_size, backend);
   at::Tensor buffer = at::empty({std::min(chunk, std::max<int64_t>(n, 1)), vocab}, hidden.options());
-  const bool want_grads = want_hidden || want_weight || want_bias;
+  const bool want_grads = grads.any();
 
   for (int64_t start = 0; start < n; start += chunk) {
     const int64_t rows = std::min(chunk, n - start);
@@ -260,14 +274,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_lin
     p.loss.old_logp = old_logp ? acc_ptr(*old_logp, start) : nullptr;
     p.loss.ref_logp = ref_logp ? acc_ptr(*ref_logp, start) : nullptr;
     backend.run_rows(p);
-    if (want_hidden) {
-      at::Tensor out = grad_hidden.narrow(0, start, rows);
-      at::mm_out(out, logits, weight);
-    }
-    if (want_weight) grad_weight.addmm_(logits.t(), h);
-    if (want_bias) grad_bias.add_(logits.sum(0));
+    if (want_grads) grads.add(logits, h, weight, start);
   }
-  return {logp, entropy, grad_hidden, grad_weight, grad_bias};
+  return {logp, entropy, grads.hidden, grads.weight, grads.bias};
 }
 
 // ---------------------------------------------------------------------------------------------------------------
