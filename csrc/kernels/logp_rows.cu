@@ -38,7 +38,11 @@ template <> struct Conv<__nv_bfloat16> {
   __device__ static __nv_bfloat16 store(float x) { return __float2bfloat16_rn(x); }
 };
 
-// The passes work in base 2 (y = z * log2(e)): exp2 is one instruction, exp one multiply more per element.
+// The statistics pass works in base 2 (y = z * log2(e)): exp2 is one instruction, exp one multiply more per
+// element. The gradient pass stays in natural units: exp(z - lse) keeps the subtraction of two large, close
+// numbers ahead of any scaling, which a base-2 lse converted from a given natural one (kScaledGrad) would not.
+__device__ __forceinline__ float exp_acc(float x) { return __expf(x); }
+__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
 __device__ __forceinline__ float exp2_acc(float x) { return exp2f(x); }
 __device__ __forceinline__ double exp2_acc(double x) { return exp2(x); }
 __device__ __forceinline__ float tanh_acc(float x) { return tanhf(x); }
@@ -97,11 +101,12 @@ struct alignas(sizeof(T) * VEC) Vec {
   T v[VEC];
 };
 
-// y(x) = z(x) * log2(e), the final logit in base-2 units, and dz/dx (natural units).
+// z(x): the final logit; y(x) = z(x) * log2(e), the same in base-2 units; dz/dx.
 template <typename T, typename Acc>
 struct RowMath {
   Acc inv_t, inv_t_log2e, cap;
   bool capped;
+  __device__ Acc z(Acc x) const { return (capped ? cap * tanh_acc(x / cap) : x) * inv_t; }
   __device__ Acc y(Acc x) const { return (capped ? cap * tanh_acc(x / cap) : x) * inv_t_log2e; }
   __device__ Acc dz(Acc x) const {
     if (!capped) return inv_t;
@@ -123,10 +128,10 @@ __global__ void __launch_bounds__(kThreads) logp_rows_kernel(LogpRowsParams p) {
   auto* raw_vec = reinterpret_cast<Vec<T, VEC>*>(raw);
 
   const Acc ln2 = static_cast<Acc>(kLn2);
-  Acc lse2;  // log-sum-exp in base-2 units: lse / ln 2
+  Acc lse;
   Acc scale_shared = Acc(1);
   if (p.mode == RowMode::kScaledGrad) {
-    lse2 = static_cast<const Acc*>(p.lse_in)[row] * static_cast<Acc>(kLog2e);
+    lse = static_cast<const Acc*>(p.lse_in)[row];
   } else {
     Stats<Acc> st{Acc(0), Acc(0), Acc(0)};
     auto absorb = [&](const Acc* y, int n) {
@@ -157,12 +162,13 @@ __global__ void __launch_bounds__(kThreads) logp_rows_kernel(LogpRowsParams p) {
     }
     st = block_reduce(st);
     const Acc log2_s = log2_acc(st.s);
-    lse2 = st.m + log2_s;
+    const Acc lse2 = st.m + log2_s;  // log-sum-exp in base-2 units
+    lse = lse2 * ln2;
     __shared__ Acc loss_grad;
     if (threadIdx.x == 0) {
       const Acc logp = (math.y(Conv<T>::load(raw[target])) - lse2) * ln2;
       static_cast<Acc*>(p.logp)[row] = logp;
-      if (p.lse) static_cast<Acc*>(p.lse)[row] = lse2 * ln2;
+      if (p.lse) static_cast<Acc*>(p.lse)[row] = lse;
       if (ENTROPY) static_cast<Acc*>(p.entropy)[row] = (log2_s - st.t / st.s) * ln2;
       if (p.mode == RowMode::kLossGrad) loss_grad = token_loss_grad<Acc>(p.loss, row, logp);
     }
@@ -173,7 +179,7 @@ __global__ void __launch_bounds__(kThreads) logp_rows_kernel(LogpRowsParams p) {
 
   const Acc scale = p.mode == RowMode::kScaledGrad ? static_cast<const Acc*>(p.row_scale)[row] : scale_shared;
   auto grad = [&](Acc x, int64_t v) {
-    const Acc prob = exp2_acc(math.y(x) - lse2);
+    const Acc prob = exp_acc(math.z(x) - lse);
     return Conv<T>::store(scale * ((v == target ? Acc(1) : Acc(0)) - prob) * math.dz(x));
   };
   for (int64_t i = threadIdx.x; i < n_vec; i += kThreads) {
