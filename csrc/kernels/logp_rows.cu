@@ -38,22 +38,15 @@ template <> struct Conv<__nv_bfloat16> {
   __device__ static __nv_bfloat16 store(float x) { return __float2bfloat16_rn(x); }
 };
 
-// The statistics pass works in base 2 (y = z * log2(e)): exp2 is one instruction, exp one multiply more per
-// element. The gradient pass stays in natural units: exp(z - lse) keeps the subtraction of two large, close
-// numbers ahead of any scaling, which a base-2 lse converted from a given natural one (kScaledGrad) would not.
 __device__ __forceinline__ float exp_acc(float x) { return __expf(x); }
 __device__ __forceinline__ double exp_acc(double x) { return exp(x); }
-__device__ __forceinline__ float exp2_acc(float x) { return exp2f(x); }
-__device__ __forceinline__ double exp2_acc(double x) { return exp2(x); }
 __device__ __forceinline__ float tanh_acc(float x) { return tanhf(x); }
 __device__ __forceinline__ double tanh_acc(double x) { return tanh(x); }
-__device__ __forceinline__ float log2_acc(float x) { return log2f(x); }
-__device__ __forceinline__ double log2_acc(double x) { return log2(x); }
-constexpr double kLog2e = 1.4426950408889634;
-constexpr double kLn2 = 0.6931471805599453;
+__device__ __forceinline__ float log_acc(float x) { return logf(x); }
+__device__ __forceinline__ double log_acc(double x) { return log(x); }
 
 // ---------------------------------------------------------------------------------------------------------------
-// online softmax statistics in base 2: max m, s = sum 2^(y - m), t = sum 2^(y - m) * (y - m)
+// online softmax statistics: max m, s = sum exp(z - m), t = sum exp(z - m) * (z - m)
 
 template <typename Acc> struct Stats {
   Acc m, s, t;
@@ -65,7 +58,7 @@ __device__ __forceinline__ Stats<Acc> combine(Stats<Acc> a, Stats<Acc> b) {
   if (b.s == Acc(0)) return a;
   const Acc m = a.m > b.m ? a.m : b.m;
   const Acc da = a.m - m, db = b.m - m;  // both <= 0
-  const Acc ra = exp2_acc(da), rb = exp2_acc(db);
+  const Acc ra = exp_acc(da), rb = exp_acc(db);
   return {m, a.s * ra + b.s * rb, ra * (a.t + da * a.s) + rb * (b.t + db * b.s)};
 }
 
@@ -101,13 +94,11 @@ struct alignas(sizeof(T) * VEC) Vec {
   T v[VEC];
 };
 
-// z(x): the final logit; y(x) = z(x) * log2(e), the same in base-2 units; dz/dx.
 template <typename T, typename Acc>
 struct RowMath {
-  Acc inv_t, inv_t_log2e, cap;
+  Acc inv_t, cap;
   bool capped;
   __device__ Acc z(Acc x) const { return (capped ? cap * tanh_acc(x / cap) : x) * inv_t; }
-  __device__ Acc y(Acc x) const { return (capped ? cap * tanh_acc(x / cap) : x) * inv_t_log2e; }
   __device__ Acc dz(Acc x) const {
     if (!capped) return inv_t;
     const Acc th = tanh_acc(x / cap);
@@ -115,61 +106,57 @@ struct RowMath {
   }
 };
 
-// ENTROPY: whether the row's entropy is wanted (its running sum costs a multiply-add per element).
-template <typename T, typename Acc, int VEC, bool ENTROPY>
+template <typename T, typename Acc, int VEC>
 __global__ void __launch_bounds__(kThreads) logp_rows_kernel(LogpRowsParams p) {
   const int64_t row = blockIdx.x;
   T* raw = static_cast<T*>(p.logits) + row * p.ld;
   const int64_t target = p.targets[row];
-  const RowMath<T, Acc> math{Acc(p.inv_temperature), Acc(p.inv_temperature * kLog2e), Acc(p.softcap),
-                             p.softcap > 0.0};
+  const RowMath<T, Acc> math{Acc(p.inv_temperature), Acc(p.softcap), p.softcap > 0.0};
   const int64_t n_vec = p.vocab / VEC;
   const int64_t tail_begin = n_vec * VEC;
   auto* raw_vec = reinterpret_cast<Vec<T, VEC>*>(raw);
 
-  const Acc ln2 = static_cast<Acc>(kLn2);
   Acc lse;
   Acc scale_shared = Acc(1);
   if (p.mode == RowMode::kScaledGrad) {
     lse = static_cast<const Acc*>(p.lse_in)[row];
   } else {
     Stats<Acc> st{Acc(0), Acc(0), Acc(0)};
-    auto absorb = [&](const Acc* y, int n) {
-      Acc m_new = st.s == Acc(0) ? y[0] : st.m;
-      for (int i = 0; i < n; ++i) m_new = y[i] > m_new ? y[i] : m_new;
+    auto absorb = [&](const Acc* z, int n) {
+      Acc m_new = st.s == Acc(0) ? z[0] : st.m;
+      for (int i = 0; i < n; ++i) m_new = z[i] > m_new ? z[i] : m_new;
       if (st.s != Acc(0) && m_new > st.m) {
-        const Acc d = st.m - m_new, r = exp2_acc(d);
-        if (ENTROPY) st.t = r * (st.t + d * st.s);
+        const Acc d = st.m - m_new, r = exp_acc(d);
+        st.t = r * (st.t + d * st.s);
         st.s *= r;
       }
       st.m = m_new;
       for (int i = 0; i < n; ++i) {
-        const Acc d = y[i] - st.m, e = exp2_acc(d);
+        const Acc d = z[i] - st.m, e = exp_acc(d);
         st.s += e;
-        if (ENTROPY) st.t += e * d;
+        st.t += e * d;
       }
     };
     for (int64_t i = threadIdx.x; i < n_vec; i += kThreads) {
       const Vec<T, VEC> chunk = raw_vec[i];
-      Acc y[VEC];
+      Acc z[VEC];
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) y[k] = math.y(Conv<T>::load(chunk.v[k]));
-      absorb(y, VEC);
+      for (int k = 0; k < VEC; ++k) z[k] = math.z(Conv<T>::load(chunk.v[k]));
+      absorb(z, VEC);
     }
     for (int64_t i = tail_begin + threadIdx.x; i < p.vocab; i += kThreads) {
-      const Acc y = math.y(Conv<T>::load(raw[i]));
-      absorb(&y, 1);
+      const Acc z = math.z(Conv<T>::load(raw[i]));
+      absorb(&z, 1);
     }
     st = block_reduce(st);
-    const Acc log2_s = log2_acc(st.s);
-    const Acc lse2 = st.m + log2_s;  // log-sum-exp in base-2 units
-    lse = lse2 * ln2;
+    const Acc log_s = log_acc(st.s);
+    lse = st.m + log_s;
     __shared__ Acc loss_grad;
     if (threadIdx.x == 0) {
-      const Acc logp = (math.y(Conv<T>::load(raw[target])) - lse2) * ln2;
+      const Acc logp = math.z(Conv<T>::load(raw[target])) - lse;
       static_cast<Acc*>(p.logp)[row] = logp;
       if (p.lse) static_cast<Acc*>(p.lse)[row] = lse;
-      if (ENTROPY) static_cast<Acc*>(p.entropy)[row] = (log2_s - st.t / st.s) * ln2;
+      if (p.entropy) static_cast<Acc*>(p.entropy)[row] = log_s - st.t / st.s;
       if (p.mode == RowMode::kLossGrad) loss_grad = token_loss_grad<Acc>(p.loss, row, logp);
     }
     if (p.mode == RowMode::kStats) return;
@@ -191,25 +178,15 @@ __global__ void __launch_bounds__(kThreads) logp_rows_kernel(LogpRowsParams p) {
   for (int64_t i = tail_begin + threadIdx.x; i < p.vocab; i += kThreads) raw[i] = grad(Conv<T>::load(raw[i]), i);
 }
 
-template <typename T, typename Acc, int VEC>
-void launch_vec(const LogpRowsParams& p, cudaStream_t stream) {
-  const auto blocks = static_cast<unsigned>(p.rows);
-  if (p.entropy) {
-    logp_rows_kernel<T, Acc, VEC, true><<<blocks, kThreads, 0, stream>>>(p);
-  } else {
-    logp_rows_kernel<T, Acc, VEC, false><<<blocks, kThreads, 0, stream>>>(p);
-  }
-}
-
 template <typename T, typename Acc>
 cudaError_t launch(const LogpRowsParams& p, cudaStream_t stream) {
   if (p.rows == 0) return cudaSuccess;
   constexpr int kVec = 16 / sizeof(T);
   const bool aligned = reinterpret_cast<uintptr_t>(p.logits) % 16 == 0 && (p.ld * sizeof(T)) % 16 == 0;
   if (aligned) {
-    launch_vec<T, Acc, kVec>(p, stream);
+    logp_rows_kernel<T, Acc, kVec><<<static_cast<unsigned>(p.rows), kThreads, 0, stream>>>(p);
   } else {
-    launch_vec<T, Acc, 1>(p, stream);
+    logp_rows_kernel<T, Acc, 1><<<static_cast<unsigned>(p.rows), kThreads, 0, stream>>>(p);
   }
   return cudaGetLastError();
 }
