@@ -287,6 +287,7 @@ namespace {
 // Chunks one after another; the row pass parallel over rows.
 class CpuBackend final : public ChunkBackend {
  public:
+  explicit CpuBackend(const at::Tensor& /*hidden*/) {}
   void run_rows(const LogpRowsParams& p) override {
     // At least ~64K logits per task: waking a thread costs more than a few small rows.
     const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(p.vocab, 1));
@@ -296,45 +297,8 @@ class CpuBackend final : public ChunkBackend {
   int64_t chunk_bytes() const override { return 16LL << 20; }
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_logp_cpu(
-    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& targets, double temperature, std::optional<double> logit_softcap, bool return_entropy,
-    bool compute_grad_direction, std::optional<int64_t> chunk_size) {
-  CpuBackend backend;
-  return fused_linear_logp(hidden, weight, bias, targets, temperature, logit_softcap, return_entropy,
-                           compute_grad_direction, chunk_size, backend);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_logp_backward_cpu(
-    const at::Tensor& grad_logp, const at::Tensor& hidden, const at::Tensor& weight,
-    const std::optional<at::Tensor>& bias, const at::Tensor& targets, const at::Tensor& lse, double temperature,
-    std::optional<double> logit_softcap, std::array<bool, 3> output_mask, std::optional<int64_t> chunk_size) {
-  CpuBackend backend;
-  return fused_linear_logp_backward(grad_logp, hidden, weight, bias, targets, lse, temperature, logit_softcap,
-                                    output_mask, chunk_size, backend);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_token_loss_cpu(
-    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& targets, double temperature, std::optional<double> logit_softcap, bool return_entropy,
-    const std::optional<at::Tensor>& old_logp, const at::Tensor& advantages, const std::optional<at::Tensor>& ref_logp,
-    const at::Tensor& policy_weight, const at::Tensor& kl_weight, int64_t loss_kind, double epsilon_low,
-    double epsilon_high, std::optional<double> delta, double sapo_temperature_pos, double sapo_temperature_neg,
-    std::array<bool, 3> output_mask, std::optional<int64_t> chunk_size) {
-  CpuBackend backend;
-  return fused_linear_token_loss(
-      hidden, weight, bias, targets, temperature, logit_softcap, return_entropy,
-      token_loss_inputs(old_logp, advantages, ref_logp, policy_weight, kl_weight, loss_kind, epsilon_low,
-                        epsilon_high, delta, sapo_temperature_pos, sapo_temperature_neg),
-      output_mask, chunk_size, backend);
-}
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fusedrl, CPU, m) {
-  m.impl("fused_linear_logp", &fused_linear_logp_cpu);
-  m.impl("fused_linear_logp_backward", &fused_linear_logp_backward_cpu);
-  m.impl("fused_linear_token_loss", &fused_linear_token_loss_cpu);
-}
+TORCH_LIBRARY_IMPL(fusedrl, CPU, m) { register_backend_ops<CpuBackend>(m); }
 
 }  // namespace fusedrl

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <optional>
 #include <tuple>
@@ -62,5 +63,52 @@ TokenLossInputs token_loss_inputs(const std::optional<at::Tensor>& old_logp, con
                                   const at::Tensor& kl_weight, int64_t loss_kind, double epsilon_low,
                                   double epsilon_high, std::optional<double> delta, double sapo_temperature_pos,
                                   double sapo_temperature_neg);
+
+// The schemas' signatures bound to one backend; each device's registration is an instantiation. A backend is
+// constructed from `hidden` for the duration of one call (CUDA sets the device there).
+template <typename Backend>
+struct BackendOps {
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logp(
+      const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+      const at::Tensor& targets, double temperature, std::optional<double> logit_softcap, bool return_entropy,
+      bool compute_grad_direction, std::optional<int64_t> chunk_size) {
+    Backend backend(hidden);
+    return fused_linear_logp(hidden, weight, bias, targets, temperature, logit_softcap, return_entropy,
+                             compute_grad_direction, chunk_size, backend);
+  }
+
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> logp_backward(
+      const at::Tensor& grad_logp, const at::Tensor& hidden, const at::Tensor& weight,
+      const std::optional<at::Tensor>& bias, const at::Tensor& targets, const at::Tensor& lse, double temperature,
+      std::optional<double> logit_softcap, std::array<bool, 3> output_mask, std::optional<int64_t> chunk_size) {
+    Backend backend(hidden);
+    return fused_linear_logp_backward(grad_logp, hidden, weight, bias, targets, lse, temperature, logit_softcap,
+                                      output_mask, chunk_size, backend);
+  }
+
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_loss(
+      const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+      const at::Tensor& targets, double temperature, std::optional<double> logit_softcap, bool return_entropy,
+      const std::optional<at::Tensor>& old_logp, const at::Tensor& advantages,
+      const std::optional<at::Tensor>& ref_logp, const at::Tensor& policy_weight, const at::Tensor& kl_weight,
+      int64_t loss_kind, double epsilon_low, double epsilon_high, std::optional<double> delta,
+      double sapo_temperature_pos, double sapo_temperature_neg, std::array<bool, 3> output_mask,
+      std::optional<int64_t> chunk_size) {
+    Backend backend(hidden);
+    return fused_linear_token_loss(
+        hidden, weight, bias, targets, temperature, logit_softcap, return_entropy,
+        token_loss_inputs(old_logp, advantages, ref_logp, policy_weight, kl_weight, loss_kind, epsilon_low,
+                          epsilon_high, delta, sapo_temperature_pos, sapo_temperature_neg),
+        output_mask, chunk_size, backend);
+  }
+};
+
+// Registers every op of this file for one dispatch key (used inside TORCH_LIBRARY_IMPL).
+template <typename Backend>
+void register_backend_ops(torch::Library& m) {
+  m.impl("fused_linear_logp", &BackendOps<Backend>::logp);
+  m.impl("fused_linear_logp_backward", &BackendOps<Backend>::logp_backward);
+  m.impl("fused_linear_token_loss", &BackendOps<Backend>::token_loss);
+}
 
 }  // namespace fusedrl

@@ -37,9 +37,12 @@ def test_every_declared_op_is_listed_here():
 def test_every_op_has_cpu_and_cuda_kernels_and_registrations():
     for op, kernel in KERNELS.items():
         assert (ROOT / f"csrc/kernels/{kernel}_cpu.cpp").exists() and (ROOT / f"csrc/kernels/{kernel}.cu").exists()
+        # One registration list per backend (register_backend_ops), instantiated for the CPU and CUDA keys.
+        header = (ROOT / "csrc/torch/fused_linear_logp.h").read_text()
         cpu = (ROOT / "csrc/torch/fused_linear_logp.cpp").read_text()
         cuda = (ROOT / "csrc/torch/fused_linear_logp_cuda.cpp").read_text()
-        assert f'm.impl("{op}"' in cpu and f'm.impl("{op}"' in cuda
+        assert f'm.impl("{op}"' in header
+        assert "register_backend_ops<CpuBackend>(m)" in cpu and "register_backend_ops<CudaBackend>(m)" in cuda
         _ext.load()
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedrl::{op}", "CPU")
 

@@ -6,13 +6,13 @@ A random policy over the 20-token vocabulary scores about 0.05; GRPO must push t
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 from fusedrl.model.tiny import tiny_model_from_tokenizer, tiny_word_tokenizer
 from fusedrl.train.config import GRPOConfig
 from fusedrl.train.trainer import GRPOTrainer
+
+from reward_curve import train_and_measure
 
 COMPLETION_TOKENS = 4
 
@@ -41,13 +41,8 @@ def learn_sevens(device: str, dtype: str) -> None:
                       gradient_checkpointing=False, seed=0, loss_type="dapo")
     trainer = GRPOTrainer(model, sevens_reward, args, rows, tokenizer)
 
-    started = time.perf_counter()
-    history = trainer.train().history
-    seconds = time.perf_counter() - started
-
-    rewards = [h["reward"] for h in history]
-    first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
-    assert first < 0.2, f"the untrained policy already solves the task: {rewards}"
-    assert last > first + 0.3, f"reward did not rise: {[round(r, 3) for r in rewards]}"
-    assert all(torch.isfinite(torch.tensor([h["loss"], h["grad_norm"]])).all() for h in history)
-    print(f"\n{device} {dtype}: {len(history)} steps in {seconds:.1f} s ({seconds / len(history):.2f} s/step); reward {first:.3f} -> {last:.3f}")
+    curve = train_and_measure(trainer)
+    assert curve.first < 0.2, f"the untrained policy already solves the task: {curve.rewards}"
+    assert curve.last > curve.first + 0.3, f"reward did not rise: {[round(r, 3) for r in curve.rewards]}"
+    assert all(torch.isfinite(torch.tensor([h["loss"], h["grad_norm"]])).all() for h in curve.history)
+    print(f"\n{device} {dtype}: {curve.summary()}")

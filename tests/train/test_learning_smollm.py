@@ -8,13 +8,14 @@ Reward: 1 when the correct sum appears as a number in the completion. The untrai
 from __future__ import annotations
 
 import re
-import time
 
 import pytest
 import torch
 from fusedrl.model import LoraConfig, load_model
 from fusedrl.train.config import GRPOConfig
 from fusedrl.train.trainer import GRPOTrainer
+
+from reward_curve import train_and_measure
 
 pytestmark = pytest.mark.slow
 
@@ -41,12 +42,6 @@ def test_grpo_teaches_smollm2_to_answer_sums():
                       max_steps=10, dtype="float32", gradient_checkpointing=False, seed=0)
     trainer = GRPOTrainer(model, sum_reward, args, rows, tokenizer)
 
-    started = time.perf_counter()
-    history = trainer.train().history
-    seconds = time.perf_counter() - started
-
-    rewards = [h["reward"] for h in history]
-    first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
-    assert last > first + 0.25, f"reward did not rise: {[round(r, 3) for r in rewards]}"
-    print(f"\nSmolLM2: {len(history)} steps in {seconds:.0f} s ({seconds / len(history):.1f} s/step); "
-          f"reward {first:.2f} -> {last:.2f}")
+    curve = train_and_measure(trainer)
+    assert curve.last > curve.first + 0.25, f"reward did not rise: {[round(r, 3) for r in curve.rewards]}"
+    print(f"\nSmolLM2: {curve.summary()}")
