@@ -31,7 +31,7 @@ def _grads(model: torch.nn.Module, input_ids: torch.Tensor, grad_seed: int = 1) 
     model.zero_grad(set_to_none=True)
     hidden = model.get_base_model().model(input_ids=input_ids).last_hidden_state if hasattr(model, "get_base_model") \
         else model.model(input_ids=input_ids).last_hidden_state
-    weight = torch.randn(hidden.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=hidden.dtype)
+    weight = torch.randn(hidden.shape, generator=torch.Generator().manual_seed(grad_seed)).to(hidden.device, hidden.dtype)
     (hidden * weight).sum().backward()  # a non-uniform upstream gradient
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
