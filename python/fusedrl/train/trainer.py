@@ -53,6 +53,7 @@ from fusedrl.train.batching import (
     tokenize_prompts,
 )
 from fusedrl.train.buffer import GenerationBuffer
+from fusedrl.train.checkpointing import prepare_checkpointing, reset_after_micro_batch
 from fusedrl.train.config import GRPOConfig
 from fusedrl.train.optim import (
     Precision,
@@ -199,22 +200,14 @@ class GRPOTrainer:
         return int(pad)
 
     def _prepare_model(self) -> None:
-        """Dropout off if asked; gradient checkpointing on if asked and the model supports it."""
+        """Dropout off if asked; checkpointing (plain / offloaded, MLP chunks) as the config and memory plan say."""
         if self.args.disable_dropout:
             for module in self.model.modules():
                 if isinstance(module, torch.nn.Dropout):
                     module.p = 0.0
-        if self.args.gradient_checkpointing and not self._is_checkpointing():
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-    def _is_checkpointing(self) -> bool:
-        """Whether the model already recomputes activations (models that cannot do it count as "yes")."""
-        if not callable(getattr(self.model, "gradient_checkpointing_enable", None)):
-            return True
-        for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # newer, older transformers
-            if hasattr(type(_unwrapped(self.model)), name):
-                return bool(getattr(_unwrapped(self.model), name))
-        return True
+        self.memory_plan = None
+        if callable(getattr(self.model, "gradient_checkpointing_enable", None)):
+            self.memory_plan = prepare_checkpointing(self.model, self.args)
 
     def _reference_model(self) -> torch.nn.Module | None:
         """The frozen reference for the KL term: None for a peft model (its adapters are disabled instead)."""
@@ -511,11 +504,14 @@ class GRPOTrainer:
         num_items_in_batch = sum(batch.num_active_tokens for batch in micro_batches)
         per_micro_batch = []
         for batch in micro_batches:
-            loss, metrics = self.micro_batch_loss(batch, num_items_in_batch)
-            if self.precision.scaler is not None:
-                self.precision.scaler.scale(loss).backward()
-            else:
-                loss.backward()
+            try:
+                loss, metrics = self.micro_batch_loss(batch, num_items_in_batch)
+                if self.precision.scaler is not None:
+                    self.precision.scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+            finally:  # offloaded layer inputs of this micro-batch, even after an exception mid-backward
+                reset_after_micro_batch(self.model)
             per_micro_batch.append(metrics)
         averaged = _mean_of_dicts(per_micro_batch)
         averaged["loss"] = sum(metrics["loss"] for metrics in per_micro_batch)
@@ -537,12 +533,6 @@ class GRPOTrainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
-
-
-def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model inside a peft wrapper (or the model itself)."""
-    get_base_model = getattr(model, "get_base_model", None)
-    return get_base_model() if callable(get_base_model) else model
 
 
 def _mean_of_dicts(dicts: list[dict[str, float]]) -> dict[str, float]:
