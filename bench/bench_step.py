@@ -119,8 +119,9 @@ def trl_style_step(model, tokenizer, context: int, steps: int) -> dict[str, Any]
         runner.uninstall(model)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     device = next(model.parameters()).device
-    prompt = torch.tensor(tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}],
-                                                        add_generation_prompt=True)).view(1, -1)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
+                                         tokenize=False)
+    prompt = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"]).view(1, -1)
     completion = torch.randint(len(tokenizer) // 2, len(tokenizer) - 1, (8, context),
                                generator=torch.Generator().manual_seed(0))
     ids = torch.cat([prompt.repeat(8, 1), completion], 1).to(device)
