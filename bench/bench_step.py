@@ -95,7 +95,7 @@ def trainer_step(model, tokenizer, context: int, mode: str, steps: int) -> dict[
     """`steps` optimizer steps of GRPOTrainer; the numbers of the last one."""
     args = GRPOConfig(
         per_device_train_batch_size=8, num_generations=8, gradient_accumulation_steps=1, max_steps=steps,
-        max_completion_length=context, learning_rate=1e-5, logging_steps=1, save_steps=0,
+        max_completion_length=context, max_prompt_length=16, learning_rate=1e-5, logging_steps=1, save_steps=0,
         gradient_checkpointing="offload" if mode == "offload" else True,
         mlp_chunk_tokens=None if mode == "offload" else 0, output_dir="/tmp/bench_step",
     )
@@ -191,7 +191,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="llama3.1-8b")
     parser.add_argument("--contexts", default="4096,16384,20480,32768")
-    parser.add_argument("--modes", default="plain,offload")
+    parser.add_argument("--modes", default="offload,plain")
     parser.add_argument("--timed-contexts", default="4096", help="contexts that get a warm-up step first")
     parser.add_argument("--trl-contexts", default="4096")
     parser.add_argument("--search", action="store_true")

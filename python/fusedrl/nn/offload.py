@@ -158,9 +158,10 @@ class OffloadedCheckpointing:
         keep = (arena is None or layer_index == len(self.layers) - 1 or hidden.nbytes < self.min_offload_bytes
                 or not hidden.is_contiguous())
         if not keep:
-            if arena.live_entries() == 0 and arena.capacity() < hidden.nbytes:
+            needed = _aligned(hidden.nbytes) * (len(self.layers) - 1)
+            if arena.live_entries() == 0 and arena.capacity() < needed:
                 # Room for every offloaded layer of a pass like this one, pinned once (grows only for longer passes).
-                self._reserve(arena, _aligned(hidden.nbytes) * (len(self.layers) - 1))
+                self._reserve(arena, needed)
             if self.offload:
                 handle = offload_ops.offload_to_host(arena, hidden)
         saved = _SavedInput(hidden if handle < 0 else None, handle, self._pass_id, self._last_saved)
