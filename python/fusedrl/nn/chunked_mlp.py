@@ -91,6 +91,22 @@ def chunk_mlp(mlp: torch.nn.Module, chunk_tokens: int) -> None:
     mlp.fusedrl_chunk_tokens = chunk_tokens
 
 
+def recompute_in_backward(module: torch.nn.Module) -> None:
+    """Make `module` save only its input and recompute itself in backward (torch.utils.checkpoint), e.g. a final
+    RMSNorm that would otherwise keep float32 copies of its (tokens, H) input. `unchunk_mlp` undoes it."""
+    from torch.utils.checkpoint import checkpoint
+
+    original = module.__dict__.get(_ORIGINAL_FORWARD) or module.forward
+
+    def recomputed_forward(x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return original(x)
+        return checkpoint(original, x, use_reentrant=False)
+
+    module.__dict__[_ORIGINAL_FORWARD] = original
+    module.forward = recomputed_forward
+
+
 def unchunk_mlp(mlp: torch.nn.Module) -> None:
     """Undo `chunk_mlp`."""
     if _ORIGINAL_FORWARD in mlp.__dict__:

@@ -14,7 +14,8 @@ torch's (the `_gradient_checkpointing_func` attribute transformers itself sets f
 
 Without offload (`offload=False`, or on CPU, or when pinned memory cannot be had) it is plain recompute
 checkpointing with the same arithmetic. `mlp_chunk_tokens` also bounds each layer's MLP working set
-(`fusedrl.nn.chunked_mlp`). An interrupted backward leaves nothing behind: `reset()` (called by the trainer after
+(`fusedrl.nn.chunked_mlp`), and the final norm keeps only its bf16 input for backward (not the fp32 copies an RMSNorm
+saves: the final hidden states are not held twice while the loss runs). An interrupted backward leaves nothing behind: `reset()` (called by the trainer after
 every micro-batch, and by the next forward when a previous backward stopped half-way) forgets every entry; a stale
 handle is refused by the arena instead of reading another pass's bytes.
 
@@ -31,7 +32,7 @@ from typing import Any
 
 import torch
 
-from fusedrl.nn.chunked_mlp import autocast_as, autocast_state, chunk_mlp, unchunk_mlp
+from fusedrl.nn.chunked_mlp import autocast_as, autocast_state, chunk_mlp, recompute_in_backward, unchunk_mlp
 from fusedrl.ops import offload as offload_ops
 
 logger = logging.getLogger("fusedrl.offload")
@@ -60,6 +61,7 @@ class OffloadedCheckpointing:
         self.min_offload_bytes = min_offload_bytes
         self.mlp_chunk_tokens = mlp_chunk_tokens
         self.fallback_logged = False
+        self.final_norm: torch.nn.Module | None = None
         self._arena: torch.ScriptObject | None = None
         self._arena_device: torch.device | None = None
         self._pass_id = 0
@@ -88,6 +90,9 @@ class OffloadedCheckpointing:
             mlp = getattr(layer, "mlp", None)
             if mlp_chunk_tokens is not None and isinstance(mlp, torch.nn.Module):
                 chunk_mlp(mlp, mlp_chunk_tokens)
+        runner.final_norm = _final_norm_of(model)
+        if runner.final_norm is not None:
+            recompute_in_backward(runner.final_norm)
         model.fusedrl_checkpointing = runner
         return runner
 
@@ -100,6 +105,8 @@ class OffloadedCheckpointing:
             layer._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False)
             if isinstance(getattr(layer, "mlp", None), torch.nn.Module):
                 unchunk_mlp(layer.mlp)
+        if self.final_norm is not None:
+            unchunk_mlp(self.final_norm)  # the same instance-forward restore
         model.__dict__.pop("fusedrl_checkpointing", None)
 
     # ---------------------------------------------------------------------------------------------------------
@@ -233,6 +240,16 @@ class _OffloadedLayer(torch.autograd.Function):
             runner._release(saved)
             ctx.saved = None
         return (None, None, None, None, grad_hidden) + (None,) * len(ctx.rest)
+
+
+def _final_norm_of(model: torch.nn.Module) -> torch.nn.Module | None:
+    from fusedrl.model.hidden import decoder_of
+
+    try:
+        norm = getattr(decoder_of(model), "norm", None)
+    except TypeError:
+        return None
+    return norm if isinstance(norm, torch.nn.Module) else None
 
 
 def _aligned(nbytes: int, alignment: int = 256) -> int:

@@ -13,7 +13,9 @@ K = key/value width, L layers):
                    of their gradients in flight — or, chunked by c tokens, N*d*H + c*d*7I — and 3*N*H*d of
                    gradients in flight;
   loss             the final-norm input and output, the completion hidden states' contiguous copy and the fused
-                   op's (N, H) gradient direction: 4*N*H*d, plus one 256 MiB chunk of logits;
+                   op's (N, H) gradient direction: 4*N*H*d, plus one 256 MiB chunk of logits; with transformers'
+                   own checkpointing also the two float32 (N, H) copies its RMSNorm saves (fusedrl's checkpointing,
+                   i.e. offload or MLP chunks, recomputes the final norm instead);
   engine           the rollout engine's KV cache when it is not freed during training (passed in);
   overhead         5% for allocator rounding and fragmentation.
 peak = weights + optimizer + engine + checkpoints + max(layer working, loss), times the overhead factor.
@@ -121,7 +123,7 @@ def estimate(shape: ModelShape, batch: int, sequence: int, *, offload: bool, mlp
         "engine": engine_bytes,
         "checkpoints": on_device * layer_input,
         "layer_working": attention + mlp + 3 * layer_input,
-        "loss": 4 * layer_input + LOGITS_CHUNK_BYTES,
+        "loss": 4 * layer_input + LOGITS_CHUNK_BYTES + (0 if offload or mlp_chunk_tokens else 8 * n * h),
     }
     pinned = (shape.layers - 1) * ((layer_input + 255) // 256 * 256) if offload else 0
     return MemoryPlan(tokens=n, offload=offload, mlp_chunk_tokens=mlp_chunk_tokens, terms=terms,
