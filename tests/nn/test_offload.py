@@ -246,3 +246,80 @@ def test_cuda_interrupted_backward_then_correct_step():
     got, expected = _grads(model, ids), _grads(reference, ids)
     for name in expected:
         assert torch.equal(got[name], expected[name]), name
+
+
+class _RecordingArena:
+    """A CPU stand-in for the CUDA arena: offloads by cloning, and records the order of every call."""
+
+    def __init__(self):
+        self.stored: dict[int, torch.Tensor] = {}
+        self.events: list[tuple[str, int]] = []
+        self.next_handle = 0
+        self.reserved = 0
+
+    def reserve(self, nbytes):
+        self.reserved = nbytes
+        return True
+
+    def capacity(self):
+        return self.reserved
+
+    def live_entries(self):
+        return len(self.stored)
+
+    def reset(self):
+        self.events.append(("reset", -1))
+        self.stored.clear()
+
+    def fallback_reason(self):
+        return ""
+
+
+def _recording_ops(arena: _RecordingArena):
+    def offload_to_host(_, tensor):
+        arena.next_handle += 1
+        arena.stored[arena.next_handle] = tensor.clone()
+        arena.events.append(("offload", arena.next_handle))
+        return arena.next_handle
+
+    def prefetch_to_device(_, handle):
+        arena.events.append(("prefetch", handle))
+
+    def fetch_to_device(_, handle):
+        arena.events.append(("fetch", handle))
+        return arena.stored[handle]
+
+    def release_offloaded(_, handle):
+        arena.events.append(("release", handle))
+        del arena.stored[handle]
+
+    return type("RecordingOps", (), dict(NOT_OFFLOADED=-1, offload_to_host=staticmethod(offload_to_host),
+                                         prefetch_to_device=staticmethod(prefetch_to_device),
+                                         fetch_to_device=staticmethod(fetch_to_device),
+                                         release_offloaded=staticmethod(release_offloaded)))
+
+
+def test_offload_sequence_with_a_recording_arena(monkeypatch):
+    """The wrapper's order of operations, on CPU: every layer but the last offloaded in forward order; in backward
+    each layer fetches its own input, then prefetches the previous layer's, then releases; same gradients."""
+    import fusedrl.nn.offload as offload_module
+
+    arena = _RecordingArena()
+    monkeypatch.setattr(offload_module, "offload_ops", _recording_ops(arena))
+    monkeypatch.setattr(OffloadedCheckpointing, "_arena_for", lambda self, device: arena if self.offload else None)
+    ids = _input_ids()
+    reference = _lora(_tiny_llama(torch.float32, layers=4))
+    reference.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    candidate = _lora(_tiny_llama(torch.float32, layers=4))
+    OffloadedCheckpointing.install(candidate, offload=True, min_offload_bytes=0)
+    expected, got = _grads(reference, ids), _grads(candidate, ids)
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+    assert arena.events == [
+        ("offload", 1), ("offload", 2), ("offload", 3),  # layers 0..2; layer 3 (the last) stays on the device
+        ("prefetch", 3),  # layer 3's backward starts: layer 2's input comes back meanwhile
+        ("fetch", 3), ("prefetch", 2), ("release", 3),
+        ("fetch", 2), ("prefetch", 1), ("release", 2),
+        ("fetch", 1), ("release", 1),
+    ]
+    assert arena.reserved == 3 * ((2 * 13 * 32 * 4 + 255) // 256 * 256)

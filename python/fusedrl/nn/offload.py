@@ -218,9 +218,10 @@ class _OffloadedLayer(torch.autograd.Function):
         ctx.runner, ctx.function, ctx.rest = runner, function, rest
         ctx.autocast = autocast_state()
         ctx.hidden_requires_grad = hidden.requires_grad
+        # Queued before the layer runs: the D2H copy of its input overlaps the layer's own compute.
+        ctx.saved = runner._save(hidden.detach(), layer_index)
         with torch.no_grad():
             outputs = function(hidden, *rest)
-        ctx.saved = runner._save(hidden.detach(), layer_index)
         return outputs
 
     @staticmethod
