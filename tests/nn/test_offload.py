@@ -299,14 +299,22 @@ def _recording_ops(arena: _RecordingArena):
                                          release_offloaded=staticmethod(release_offloaded)))
 
 
+def _use_recording_arena(monkeypatch, arena: _RecordingArena) -> None:
+    import fusedrl.nn.offload as offload_module
+
+    def arena_for(self, device):
+        self._arena = arena if self.offload else None
+        return self._arena
+
+    monkeypatch.setattr(offload_module, "offload_ops", _recording_ops(arena))
+    monkeypatch.setattr(OffloadedCheckpointing, "_arena_for", arena_for)
+
+
 def test_offload_sequence_with_a_recording_arena(monkeypatch):
     """The wrapper's order of operations, on CPU: every layer but the last offloaded in forward order; in backward
     each layer fetches its own input, then prefetches the previous layer's, then releases; same gradients."""
-    import fusedrl.nn.offload as offload_module
-
     arena = _RecordingArena()
-    monkeypatch.setattr(offload_module, "offload_ops", _recording_ops(arena))
-    monkeypatch.setattr(OffloadedCheckpointing, "_arena_for", lambda self, device: arena if self.offload else None)
+    _use_recording_arena(monkeypatch, arena)
     ids = _input_ids()
     reference = _lora(_tiny_llama(torch.float32, layers=4))
     reference.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -323,3 +331,27 @@ def test_offload_sequence_with_a_recording_arena(monkeypatch):
         ("fetch", 1), ("release", 1),
     ]
     assert arena.reserved == 3 * ((2 * 13 * 32 * 4 + 255) // 256 * 256)
+
+
+def test_interrupted_backward_with_a_recording_arena_resets_on_the_next_forward(monkeypatch):
+    arena = _RecordingArena()
+    _use_recording_arena(monkeypatch, arena)
+    ids = _input_ids()
+    model = _lora(_tiny_llama(torch.float32, layers=4))
+    runner = OffloadedCheckpointing.install(model, offload=True, min_offload_bytes=0)
+    reference = _lora(_tiny_llama(torch.float32, layers=4))
+    reference.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def explode(module, grad_input, grad_output):
+        raise RuntimeError("mid-backward")
+
+    hook = runner.layers[2].mlp.down_proj.register_full_backward_hook(explode)
+    hidden = model.get_base_model().model(input_ids=ids).last_hidden_state
+    with pytest.raises(RuntimeError, match="mid-backward"):
+        hidden.sum().backward()
+    hook.remove()
+    assert sorted(arena.stored) == [1, 2]  # layers 0 and 1 never came back; layer 2 released in its finally
+    got, expected = _grads(model, ids), _grads(reference, ids)  # no explicit reset: the next forward does it
+    assert ("reset", -1) in arena.events and not arena.stored
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
