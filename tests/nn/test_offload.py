@@ -22,8 +22,8 @@ def _tiny_llama(dtype: torch.dtype, layers: int = 3, hidden: int = 32, seed: int
 def _lora(model: torch.nn.Module, seed: int = 5) -> torch.nn.Module:
     peft = pytest.importorskip("peft")
     torch.manual_seed(seed)  # the adapters' random init, the same for every model built here
-    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
-                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False, target_modules=modules)
     return peft.get_peft_model(model, config)
 
 
@@ -31,7 +31,8 @@ def _grads(model: torch.nn.Module, input_ids: torch.Tensor, grad_seed: int = 1) 
     model.zero_grad(set_to_none=True)
     hidden = model.get_base_model().model(input_ids=input_ids).last_hidden_state if hasattr(model, "get_base_model") \
         else model.model(input_ids=input_ids).last_hidden_state
-    weight = torch.randn(hidden.shape, generator=torch.Generator().manual_seed(grad_seed)).to(hidden.device, hidden.dtype)
+    weight = torch.randn(hidden.shape, generator=torch.Generator().manual_seed(grad_seed))
+    weight = weight.to(hidden.device, hidden.dtype)
     (hidden * weight).sum().backward()  # a non-uniform upstream gradient
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 

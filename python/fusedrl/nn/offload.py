@@ -14,8 +14,9 @@ torch's (the `_gradient_checkpointing_func` attribute transformers itself sets f
 
 Without offload (`offload=False`, or on CPU, or when pinned memory cannot be had) it is plain recompute
 checkpointing with the same arithmetic. `mlp_chunk_tokens` also bounds each layer's MLP working set
-(`fusedrl.nn.chunked_mlp`), and the final norm keeps only its bf16 input for backward (not the fp32 copies an RMSNorm
-saves: the final hidden states are not held twice while the loss runs). An interrupted backward leaves nothing behind: `reset()` (called by the trainer after
+(`fusedrl.nn.chunked_mlp`), and the final norm keeps only its bf16 input for backward (not the fp32 copies an
+RMSNorm saves: the final hidden states are not held twice while the loss runs). An interrupted backward leaves
+nothing behind: `reset()` (called by the trainer after
 every micro-batch, and by the next forward when a previous backward stopped half-way) forgets every entry; a stale
 handle is refused by the arena instead of reading another pass's bytes.
 

@@ -93,7 +93,8 @@ class MemoryPlan:
         mode = "offloaded checkpoints" if self.offload else "checkpoints on the GPU"
         chunk = f"MLP chunks of {self.mlp_chunk_tokens} tokens" if self.mlp_chunk_tokens else "unchunked MLP"
         terms = ", ".join(f"{name} {value / GiB:.2f}" for name, value in self.terms.items())
-        text = f"memory plan: {self.tokens} tokens per micro-batch, {mode}, {chunk}: peak ~{self.peak_bytes / GiB:.1f} GiB"
+        text = (f"memory plan: {self.tokens} tokens per micro-batch, {mode}, {chunk}: "
+                f"peak ~{self.peak_bytes / GiB:.1f} GiB")
         if free_bytes is not None:
             text += f" of {free_bytes / GiB:.1f} GiB free"
         if self.pinned_host_bytes:
