@@ -44,6 +44,12 @@ def test_choose_prefers_plain_checkpointing_then_offload_and_fails_early_with_wh
         choose(LLAMA_8B, 8, 1024, 10 * 2**30)
 
 
+def test_choose_skips_offload_when_the_host_cannot_pin_it():
+    with pytest.raises(MemoryError, match="host memory is available to pin"):
+        choose(LLAMA_8B, 8, 16384, 45 * 2**30, host_budget_bytes=8 * 2**30)
+    assert choose(LLAMA_8B, 8, 16384, 45 * 2**30, host_budget_bytes=40 * 2**30).offload
+
+
 def test_longest_sequence_is_the_boundary():
     budget = 80 * 2**30
     longest = longest_sequence(LLAMA_8B, 8, budget, offload=True, mlp_chunk_tokens=4096)

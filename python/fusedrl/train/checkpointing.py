@@ -17,7 +17,7 @@ import torch
 
 from fusedrl.nn.offload import OffloadedCheckpointing
 from fusedrl.train.config import normalize_checkpointing
-from fusedrl.train.memory_plan import MemoryPlan, ModelShape, choose, estimate
+from fusedrl.train.memory_plan import MemoryPlan, ModelShape, available_host_bytes, choose, estimate
 
 logger = logging.getLogger("fusedrl.memory")
 
@@ -45,7 +45,8 @@ def prepare_checkpointing(model: torch.nn.Module, args: Any, *, engine_bytes: in
         budget = device_budget(device)
         plan = choose(shape, batch, sequence, budget, offload=None if mode is None else mode == "offload",
                       mlp_chunk_tokens=chunk, engine_bytes=engine_bytes,
-                      chunk_given=args.mlp_chunk_tokens is not None)
+                      chunk_given=args.mlp_chunk_tokens is not None,
+                      host_budget_bytes=_pinnable(available_host_bytes()))
         logger.warning(plan.describe(budget))  # one line before the first step, shown by default
     else:  # CPU: no budget; offload is a no-op, chunking only if asked
         plan = estimate(shape, batch, sequence, offload=mode == "offload", mlp_chunk_tokens=chunk,
@@ -60,6 +61,11 @@ def prepare_checkpointing(model: torch.nn.Module, args: Any, *, engine_bytes: in
     if plan.offload and device.type == "cuda":
         runner.reserve(device, plan.pinned_host_bytes)  # pinned once, now, not in the middle of a step
     return plan
+
+
+def _pinnable(available: int | None) -> int | None:
+    """Pinned memory cannot be swapped: leave a quarter of the available host memory to everything else."""
+    return None if available is None else available * 3 // 4
 
 
 def reset_after_micro_batch(model: torch.nn.Module) -> None:

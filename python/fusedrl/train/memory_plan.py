@@ -132,21 +132,28 @@ def estimate(shape: ModelShape, batch: int, sequence: int, *, offload: bool, mlp
 
 
 def choose(shape: ModelShape, batch: int, sequence: int, budget_bytes: int, *, offload: bool | None = None,
-           mlp_chunk_tokens: int | None = None, engine_bytes: int = 0, chunk_given: bool = False) -> MemoryPlan:
-    """The cheapest configuration whose estimated peak fits `budget_bytes`, among those the user left open
-    (`offload` None = either; `chunk_given` = keep `mlp_chunk_tokens` as given). Raises MemoryError saying what
-    would fit when none does."""
+           mlp_chunk_tokens: int | None = None, engine_bytes: int = 0, chunk_given: bool = False,
+           host_budget_bytes: int | None = None) -> MemoryPlan:
+    """The cheapest configuration whose estimated peak fits `budget_bytes` (and whose pinned host arena fits
+    `host_budget_bytes`, when given), among those the user left open (`offload` None = either; `chunk_given` = keep
+    `mlp_chunk_tokens` as given). Raises MemoryError saying what would fit when none does."""
     candidates = [(o, c) for o, c in CANDIDATES if offload is None or o == offload]
     if chunk_given:
         candidates = list(dict.fromkeys((o, mlp_chunk_tokens) for o, _ in candidates))
     plans = [estimate(shape, batch, sequence, offload=o, mlp_chunk_tokens=c, engine_bytes=engine_bytes)
              for o, c in candidates]
     for plan in plans:
-        if plan.peak_bytes <= budget_bytes:
+        host_ok = host_budget_bytes is None or plan.pinned_host_bytes <= host_budget_bytes
+        if plan.peak_bytes <= budget_bytes and host_ok:
             return plan
     best = min(plans, key=lambda p: p.peak_bytes)
     longest = longest_sequence(shape, batch, budget_bytes, offload=best.offload,
                                mlp_chunk_tokens=best.mlp_chunk_tokens, engine_bytes=engine_bytes)
+    if best.peak_bytes <= budget_bytes:  # the GPU would hold it; the host cannot pin the offloaded inputs
+        raise MemoryError(
+            f"this step does not fit: {best.describe(budget_bytes)}, but only {host_budget_bytes / GiB:.1f} GiB of "
+            "host memory is available to pin; shorten the sequences or free host memory"
+        )
     fits = (f"at most {longest} tokens per sequence fit with this setting" if longest
             else "not even 1 token per sequence fits: the weights and optimizer state alone exceed it")
     raise MemoryError(
@@ -154,6 +161,18 @@ def choose(shape: ModelShape, batch: int, sequence: int, budget_bytes: int, *, o
         "lower max_completion_length / max_prompt_length or per_device_train_batch_size, or raise "
         "gradient_accumulation_steps"
     )
+
+
+def available_host_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (Linux), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def longest_sequence(shape: ModelShape, batch: int, budget_bytes: int, *, offload: bool,
