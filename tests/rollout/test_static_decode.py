@@ -19,7 +19,7 @@ VOCAB = 97  # prime: no tile-friendly sizes
 def _config(model_type: str, **extra):
     base = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
                 num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
-    if model_type in ("qwen3", "gemma"):
+    if model_type == "qwen3":
         base["head_dim"] = 8
     if model_type == "mistral":
         base["sliding_window"] = None
@@ -64,7 +64,7 @@ def _assert_same_greedy(fast, slow, prompts, max_new: int, seed_note: str) -> No
     torch.testing.assert_close(ours.sampling_logp.cpu(), theirs.sampling_logp.cpu(), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3", "mistral", "gemma"])
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3", "mistral"])
 def test_greedy_matches_transformers_generate(model_type):
     model = _model(model_type, seed=3)
     fast, slow = _engines(model)
@@ -93,7 +93,7 @@ def test_contract_eos_padding_truncation_and_chunks():
     out = fast.generate(prompts, sampling, torch.Generator().manual_seed(1))
     ids, mask, logp = out.completion_ids, out.completion_mask, out.sampling_logp
     assert ids.shape[0] == 7 and ids.shape[1] <= 12 and mask.shape == ids.shape
-    is_eos = ids == VOCAB - 1
+    is_eos = torch.isin(ids, torch.tensor(fast.eos_token_ids))  # the model config's eos id counts too
     for row in range(7):
         length = int(mask[row].sum())
         assert mask[row, :length].all() and not mask[row, length:].any()

@@ -1,9 +1,11 @@
-"""The forward pass of Llama-family decoders (Llama, Mistral, Qwen2/2.5, Qwen3, Gemma) over a static KV cache.
+"""The forward pass of Llama-family decoders (Llama, Mistral, Qwen2/2.5, Qwen3) over a static KV cache.
 
 It calls the training model's own modules (embeddings, norms, q/k/v/o projections, MLP, lm-head; peft LoRA
 layers wrap the projections and apply their adapters live; a quantized layer is any module whose forward maps
 (..., in) to (..., out)), and re-does only the glue transformers does between them: rotary embedding (with the
-model's own rotary module, so rope scaling is the model's), the cache write, and attention with SDPA:
+model's own rotary module, so rope scaling is the model's), the cache write, and attention with SDPA. Fewer kernels per step than transformers' modules, same math: plain
+RMSNorms as one F.rms_norm, rotary as one addcmul, a peft LoRA Linear as base + one addmm (`_linear`), one additive
+mask per step. Gemma (embedding scale, its own norms) is not supported yet and falls back.
 - prefill: the whole left-padded prompt block (B, W) at once, causal and padding-masked, keys/values written to
   cache slots [0, W);
 - decode: one token per row written to slot `slot` (a device tensor, so a CUDA graph can replay it), attention
@@ -19,7 +21,7 @@ import torch.nn.functional as F
 from fusedrl.model.hidden import _causal_lm_of, decoder_of
 from fusedrl.rollout.static_cache import StaticKVCache
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def unsupported_reason(model: torch.nn.Module, total_length: int) -> str | None:
@@ -54,9 +56,45 @@ def unsupported_reason(model: torch.nn.Module, total_length: int) -> str | None:
     return None
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+_PLAIN_RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
+
+
+def _rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin, with rotate_half(x) * sin = roll(x, d/2) * [-sin_1, sin_2]: 3 kernels."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
+
+
+def _signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+def _norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's RMSNorm; the plain (weight * x / rms) kinds as one fused F.rms_norm (bf16 rounding differs only
+    in where the weight multiply rounds)."""
+    if type(module).__name__ in _PLAIN_RMS_NORMS:
+        return F.rms_norm(x, module.weight.shape, module.weight, eps=module.variance_epsilon)
+    return module(x)
+
+
+def _linear(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """module(x); a peft LoRA Linear with one plain active adapter as base(x) + scaling * (x A^T) B^T in 3 kernels
+    (the B product, the scaling and the add fused in one addmm) instead of peft's 5. The base layer is called as a
+    module, so a quantized base layer (any module) works."""
+    lora_a, lora_b = getattr(module, "lora_A", None), getattr(module, "lora_B", None)
+    if lora_a is None or module.disable_adapters or module.merged or module.training:
+        return module(x)
+    active = [name for name in module.active_adapters if name in lora_a]
+    if len(active) != 1 or active[0] in getattr(module, "lora_variant", {}):
+        return module(x)
+    a, b = lora_a[active[0]], lora_b[active[0]]
+    if a.bias is not None or b.bias is not None or x.dtype != a.weight.dtype:
+        return module(x)
+    base = module.base_layer(x)
+    low_rank = F.linear(x, a.weight)
+    flat = torch.addmm(base.reshape(-1, base.shape[-1]), low_rank.reshape(-1, low_rank.shape[-1]), b.weight.t(),
+                       alpha=module.scaling[active[0]])
+    return flat.view(base.shape)
 
 
 class LlamaFamilyDecoder:
@@ -78,35 +116,40 @@ class LlamaFamilyDecoder:
         self.group = self.num_heads // self.num_kv_heads
         self.scaling = float(attention.scaling)
         self.has_qk_norm = hasattr(attention, "q_norm") and hasattr(attention, "k_norm")
-        self.embed_scale = float(config.hidden_size) ** 0.5 if config.model_type == "gemma" else None
         self.vocab_size = int(self.embed.num_embeddings)
 
     def new_cache(self, batch: int, length: int, dtype: torch.dtype, device: torch.device) -> StaticKVCache:
         return StaticKVCache(len(self.layers), batch, length, self.num_kv_heads, self.head_dim, dtype, device)
 
+    def _rotary_tables(self, hidden: torch.Tensor, positions: torch.Tensor):
+        """cos and signed sin (B, 1, T, d) from the model's own rotary module (its rope scaling included)."""
+        cos, sin = self.rotary(hidden, positions)
+        return cos.unsqueeze(1), _signed_sin(sin).unsqueeze(1)
+
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        hidden = self.embed(input_ids)
-        if self.embed_scale is not None:  # Gemma scales its embeddings by sqrt(hidden) in the model's dtype
-            hidden = hidden * torch.tensor(self.embed_scale, dtype=hidden.dtype)
-        return hidden
+        return self.embed(input_ids)
 
     def _qkv(self, layer: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """q (B, H, T, d), k and v (B, Hkv, T, d) with rotary applied, from normed hidden (B, T, hidden)."""
         attention = layer.self_attn
         batch, length = hidden.shape[:2]
-        q = attention.q_proj(hidden).view(batch, length, -1, self.head_dim)
-        k = attention.k_proj(hidden).view(batch, length, -1, self.head_dim)
-        v = attention.v_proj(hidden).view(batch, length, -1, self.head_dim).transpose(1, 2)
+        q = _linear(attention.q_proj, hidden).view(batch, length, -1, self.head_dim)
+        k = _linear(attention.k_proj, hidden).view(batch, length, -1, self.head_dim)
+        v = _linear(attention.v_proj, hidden).view(batch, length, -1, self.head_dim).transpose(1, 2)
         if self.has_qk_norm:
-            q, k = attention.q_norm(q), attention.k_norm(k)
+            q, k = _norm(attention.q_norm, q), _norm(attention.k_norm, k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
+        return _rotary(q, cos, sin), _rotary(k, cos, sin), v
 
     def _finish_layer(self, layer, residual: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         """o_proj of the attention output (B, T, H*d), residual adds, the MLP block."""
-        hidden = residual + layer.self_attn.o_proj(attended)
-        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        hidden = residual + _linear(layer.self_attn.o_proj, attended)
+        normed = _norm(layer.post_attention_layernorm, hidden)
+        mlp = layer.mlp
+        if all(hasattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+            gated = mlp.act_fn(_linear(mlp.gate_proj, normed)) * _linear(mlp.up_proj, normed)
+            return hidden + _linear(mlp.down_proj, gated)
+        return hidden + mlp(normed)
 
     def logits(self, last_hidden: torch.Tensor) -> torch.Tensor:
         """(B, V) logits in the model's dtype from the final-normed last hidden state (B, hidden)."""
@@ -126,9 +169,9 @@ class LlamaFamilyDecoder:
         # Padding queries attend to themselves only, so no row of the mask is empty (an empty row gives NaN).
         mask = (causal & valid[:, None, None, :]) | torch.eye(width, dtype=torch.bool, device=input_ids.device)
         hidden = self._embed(input_ids)
-        cos, sin = self.rotary(hidden, positions)
+        cos, sin = self._rotary_tables(hidden, positions)
         for index, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, layer.input_layernorm(hidden), cos, sin)
+            q, k, v = self._qkv(layer, _norm(layer.input_layernorm, hidden), cos, sin)
             cache.keys[index][rows, :, :width] = k
             cache.values[index][rows, :, :width] = v
             if self.group > 1:
@@ -137,7 +180,7 @@ class LlamaFamilyDecoder:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling)
             hidden = self._finish_layer(layer, hidden, out.transpose(1, 2).reshape(batch, width, -1))
         cache.valid[rows, :width] = valid
-        return self.final_norm(hidden[:, -1])
+        return _norm(self.final_norm, hidden[:, -1])
 
     def decode(
         self, tokens: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor, cache: StaticKVCache, kv_len: int
@@ -146,11 +189,13 @@ class LlamaFamilyDecoder:
         device, < kv_len) of rows [0, B); attends over slots [0, kv_len). Returns the final-normed hidden (B, hidden)."""
         batch = tokens.shape[0]
         cache.valid[:batch].index_fill_(1, slot, True)
-        mask = cache.valid[:batch, None, None, :kv_len]
         hidden = self._embed(tokens[:, None])
-        cos, sin = self.rotary(hidden, positions[:, None])
+        # One additive mask per step in the model's dtype (SDPA would convert a bool mask in every layer).
+        mask = torch.zeros((batch, 1, 1, kv_len), dtype=hidden.dtype, device=hidden.device)
+        mask.masked_fill_(~cache.valid[:batch, None, None, :kv_len], float("-inf"))
+        cos, sin = self._rotary_tables(hidden, positions[:, None])
         for index, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, layer.input_layernorm(hidden), cos, sin)
+            q, k, v = self._qkv(layer, _norm(layer.input_layernorm, hidden), cos, sin)
             keys, values = cache.keys[index][:batch], cache.values[index][:batch]
             keys.index_copy_(2, slot, k)
             values.index_copy_(2, slot, v)
@@ -159,4 +204,4 @@ class LlamaFamilyDecoder:
                 grouped_q, keys[:, :, :kv_len], values[:, :, :kv_len], attn_mask=mask, scale=self.scaling
             )
             hidden = self._finish_layer(layer, hidden, out.reshape(batch, 1, -1))
-        return self.final_norm(hidden[:, -1])
+        return _norm(self.final_norm, hidden[:, -1])
