@@ -205,3 +205,38 @@ def test_cuda_bf16_sampler_logp_vs_trainer_logp():
     print(f"bf16 |sampler logp - trainer logp| mean/max: static {diffs['static']}, generate {diffs['generate']}")
     assert diffs["static"][0] <= 2 * diffs["generate"][0] + 1e-3
     assert diffs["static"][1] <= 2 * diffs["generate"][1] + 1e-2
+
+
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
+def test_lora_linear_shortcut_matches_peft(base_dtype):
+    """`_linear` (base + one addmm) against peft's own forward, with peft's float32 adapters over a bf16 base."""
+    import peft
+
+    from fusedrl.rollout.llama_family import _linear
+
+    torch.manual_seed(15)
+    base = torch.nn.Sequential(torch.nn.Linear(37, 23)).to(base_dtype)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=5, lora_alpha=7, target_modules=["0"])).eval()
+    layer = model.base_model.model[0]
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(0, 0.3)
+        x = torch.randn(3, 4, 37).to(base_dtype)
+        expected, ours = layer(x), _linear(layer, x)
+    assert layer.lora_A["default"].weight.dtype == torch.float32 and ours.dtype == expected.dtype
+    # float32: rounding of one fused GEMM epilogue; bf16: one rounding of the same float32 sum (at most 1 ulp apart)
+    tolerance = dict(atol=1e-5, rtol=1e-5) if base_dtype == torch.float32 else dict(atol=1e-2, rtol=8e-3)
+    torch.testing.assert_close(ours, expected, **tolerance)
+
+
+def test_batch_buckets_and_cache_sizes():
+    from fusedrl.rollout.static_cache import StaticKVCache
+    from fusedrl.rollout.static_decode import StaticDecodeLoop, batch_bucket
+
+    assert [batch_bucket(n, 64) for n in (1, 2, 3, 8, 9, 63, 64, 65, 1000)] == [1, 2, 4, 8, 16, 64, 64, 64, 64]
+    cache = StaticKVCache(2, 4, 16, 3, 8, torch.float32, torch.device("cpu"))
+    assert cache.nbytes == StaticKVCache.bytes_needed(2, 4, 16, 3, 8, torch.float32) + 4 * 16
+    assert cache.fits(3, 16, torch.float32, torch.device("cpu")) and not cache.fits(5, 16, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="batch=0"):
+        StaticKVCache(2, 0, 16, 3, 8, torch.float32, torch.device("cpu"))
+    with pytest.raises(ValueError, match="max_batch_size"):
+        StaticDecodeLoop(_model("llama"), [1], 0, max_batch_size=0)

@@ -78,9 +78,10 @@ def _norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _linear(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """module(x); a peft LoRA Linear with one plain active adapter as base(x) + scaling * (x A^T) B^T in 3 kernels
-    (the B product, the scaling and the add fused in one addmm) instead of peft's 5. The base layer is called as a
-    module, so a quantized base layer (any module) works."""
+    """module(x); a peft LoRA Linear with one plain active adapter as base(x) + scaling * (x A^T) B^T with the B
+    product, the scaling and the add fused in one addmm. As in peft, x is cast to the adapter's dtype (peft keeps
+    adapters in float32 over a bf16 base) and the sum is rounded once to the base output's dtype. The base layer is
+    called as a module, so a quantized base layer (any module) works."""
     lora_a, lora_b = getattr(module, "lora_A", None), getattr(module, "lora_B", None)
     if lora_a is None or module.disable_adapters or module.merged or module.training:
         return module(x)
@@ -88,13 +89,13 @@ def _linear(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     if len(active) != 1 or active[0] in getattr(module, "lora_variant", {}):
         return module(x)
     a, b = lora_a[active[0]], lora_b[active[0]]
-    if a.bias is not None or b.bias is not None or x.dtype != a.weight.dtype:
+    if a.bias is not None or b.bias is not None or a.weight.dtype != b.weight.dtype:
         return module(x)
     base = module.base_layer(x)
-    low_rank = F.linear(x, a.weight)
-    flat = torch.addmm(base.reshape(-1, base.shape[-1]), low_rank.reshape(-1, low_rank.shape[-1]), b.weight.t(),
-                       alpha=module.scaling[active[0]])
-    return flat.view(base.shape)
+    low_rank = F.linear(x.to(a.weight.dtype), a.weight)
+    flat = torch.addmm(base.reshape(-1, base.shape[-1]).to(low_rank.dtype), low_rank.reshape(-1, low_rank.shape[-1]),
+                       b.weight.t(), alpha=module.scaling[active[0]])
+    return flat.to(base.dtype).view(base.shape)
 
 
 class LlamaFamilyDecoder:
