@@ -240,3 +240,15 @@ def test_batch_buckets_and_cache_sizes():
         StaticKVCache(2, 0, 16, 3, 8, torch.float32, torch.device("cpu"))
     with pytest.raises(ValueError, match="max_batch_size"):
         StaticDecodeLoop(_model("llama"), [1], 0, max_batch_size=0)
+
+
+def test_greedy_with_repetition_penalty_matches_generate():
+    """Equal-length prompts: transformers also penalizes left-padding tokens, the static loop only real ones."""
+    model = _model("qwen2", seed=16)
+    fast, slow = _engines(model)
+    prompts = _prompts([6, 6, 6], seed=17)
+    sampling = SamplingConfig(max_new_tokens=16, greedy=True, repetition_penalty=1.6)
+    ours, theirs = fast.generate(prompts, sampling), slow.generate(prompts, sampling)
+    assert torch.equal(ours.completion_ids, theirs.completion_ids), "seeds 16/17"
+    plain = fast.generate(prompts, SamplingConfig(max_new_tokens=16, greedy=True))
+    assert not torch.equal(plain.completion_ids, ours.completion_ids)  # the penalty changed something

@@ -2,7 +2,9 @@
 
 On CUDA (or with static_decode=True) supported decoders (Llama, Mistral, Qwen2/3, Gemma) run our static-cache
 decode loop with CUDA graphs (`static_decode.py`, same outputs and sampler log-probabilities); everything else,
-and every model on a CPU by default, runs transformers' `generate` as described below.
+and every model on a CPU by default, runs transformers' `generate` as described below. The static loop draws its
+random numbers (one per row and step) directly from the given generator, so its samples are reproducible too but
+differ from `generate`'s for the same seed; greedy decoding gives the same tokens.
 
 Prompts are left-padded into one batch; `generate` samples with the KV cache (model in eval mode, so gradient
 checkpointing is off), stopping each row at its first EOS. The sampler's log-probability of each chosen token,

@@ -237,7 +237,8 @@ class StaticDecodeLoop:
         state.finished[:count] = False
         state.seen.zero_()
         if sampling.repetition_penalty != 1.0:
-            state.seen[:count].scatter_(1, input_ids, valid)
+            # Padding columns point at the row's last (real) token, so they add nothing to `seen`.
+            state.seen[:count].scatter_(1, input_ids.where(valid, input_ids[:, -1:]), True)
         state.uniforms.zero_()
         if draws is not None:
             state.uniforms[:max_new, :count] = draws
