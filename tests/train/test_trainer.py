@@ -241,7 +241,7 @@ def test_smoke_run_updates_the_model_and_logs_every_metric():
     assert state.history[0]["learning_rate"] == 0.0 and state.history[1]["learning_rate"] == pytest.approx(1e-2)
     # The built-in engine samples from the training model itself: like TRL without vLLM, nothing to correct.
     assert not trainer.corrects_sampler_mismatch
-    assert "sampling_is_ratio/mean" not in state.history[0]
+    assert "sampling/importance_sampling_ratio/mean" not in state.history[0]
     changed = [name for name, p in model.named_parameters() if not torch.equal(before[name], p)]
     assert changed, "no parameter moved"
     assert [h["step"] for h in state.history] == [1.0, 2.0, 3.0]
