@@ -146,3 +146,18 @@ def test_mismatched_mask_shape(save_tiny_model):
     model, _ = load_model(save_tiny_model("llama"), dtype="float32", device="cpu")
     with pytest.raises(ValueError, match="attention_mask"):
         forward_hidden(model, torch.ones(2, 8, dtype=torch.long), torch.ones(2, 7, dtype=torch.long), 3)
+
+
+def test_lora_on_lm_head_is_refused_and_modules_to_save_trains_the_head(save_tiny_model):
+    import peft
+
+    base, _ = load_model(save_tiny_model("llama"), dtype="float32", lora=None, device="cpu")
+    lora_on_head = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
+    with pytest.raises(ValueError, match="a peft adapter wraps the lm-head"):
+        lm_head_of(lora_on_head)
+
+    base, _ = load_model(save_tiny_model("llama"), dtype="float32", lora=None, device="cpu")
+    whole_head = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    head = lm_head_of(whole_head)
+    wrapper = whole_head.get_base_model().get_output_embeddings()
+    assert head.weight.requires_grad and head.weight is wrapper.modules_to_save["default"].weight

@@ -132,10 +132,17 @@ def lm_head_of(model: torch.nn.Module) -> LmHead:
     output_embeddings = causal_lm.get_output_embeddings()
     if output_embeddings is None or getattr(output_embeddings, "weight", None) is None:
         raise TypeError(f"{type(causal_lm).__name__} has no output embeddings (lm-head)")
-    # A LoRA-wrapped lm-head (peft modules_to_save / targeted) exposes the base layer's weight.
-    base_layer = getattr(output_embeddings, "base_layer", output_embeddings)
-    weight = base_layer.weight
-    bias = getattr(base_layer, "bias", None)
+    if hasattr(output_embeddings, "base_layer"):
+        # A peft adapter (e.g. LoRA) on the lm-head: the fused op reads the weight matrix directly, so the adapter
+        # would be ignored and never trained (TRL 1.16 refuses this too).
+        raise ValueError(
+            f"a peft adapter wraps the lm-head of {type(causal_lm).__name__} ({type(output_embeddings).__name__}); "
+            "fusedrl's fused lm-head op reads lm_head.weight directly, so the adapter would never be trained. "
+            "Remove 'lm_head' from the LoRA target_modules, or train the whole head with modules_to_save=['lm_head']."
+        )
+    # peft's modules_to_save wrapper exposes the active (trainable) copy's weight.
+    weight = output_embeddings.weight
+    bias = getattr(output_embeddings, "bias", None)
     softcap = getattr(causal_lm.config.get_text_config(), "final_logit_softcapping", None)
     scale = logit_scale_of(causal_lm.config)
     if not (scale > 0 and math.isfinite(scale)):
