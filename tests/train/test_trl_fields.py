@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -36,7 +37,7 @@ def test_docs_table_matches_the_code():
 
 @pytest.mark.parametrize("name", ["bf16", "report_to", "use_liger_kernel", "entropy_coef", "push_to_hub"])
 def test_unsupported_trl_fields_raise_with_advice(name):
-    with pytest.raises(ValueError, match=rf"{name}: {NOT_SUPPORTED[name][:30]}"):
+    with pytest.raises(ValueError, match=re.escape(f"{name}: {NOT_SUPPORTED[name]}")):
         GRPOConfig(**{name: True})
     with pytest.raises(ValueError, match=rf"{name}: "):
         GRPOConfig.from_dict({name: True})

@@ -9,7 +9,7 @@ tokens x gradient_accumulation_steps / steps_per_generation; with steps_per_gene
 
 from __future__ import annotations
 
-TOKEN_COUNT_NORMALISED_LOSSES = ("dapo", "cispo")
+from fusedrl.ops.options import PER_STEP_TOKEN_LOSSES as TOKEN_COUNT_NORMALISED_LOSSES
 
 
 def micro_batch_normalisation(loss_type: str, *, generation_tokens: float, gradient_accumulation_steps: int,

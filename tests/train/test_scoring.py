@@ -9,7 +9,7 @@ import torch
 import transformers
 
 from fusedrl.model.tiny import tiny_word_tokenizer
-from fusedrl.train.reward_scoring import RewardScorer, check_dataset_columns
+from fusedrl.train.scoring import RewardScorer, check_dataset_columns
 
 ROWS = [{"prompt": "what is 1 + 1 ?", "answer": "2"}, {"prompt": "what is 2 + 2 ?", "answer": "4"}]
 PROMPTS = [row["prompt"] for row in ROWS]
@@ -72,7 +72,7 @@ def test_wrong_reward_count_names_the_function():
     def short(completions, **kwargs):
         return [1.0]
 
-    with pytest.raises(ValueError, match="reward function 'short' returned 1 rewards for 2 completions"):
+    with pytest.raises(ValueError, match="reward function 'short' returned 1 rewards; expected one per completion"):
         RewardScorer(short).score(ROWS, PROMPTS, COMPLETIONS, [[3], [4]], trainer_state=None)
 
 
@@ -107,7 +107,7 @@ def test_reward_model_scores_prompt_plus_completion(conversational, tmp_path):
         for text in texts:  # one at a time: no padding involved
             ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)
             expected.append(float(model(**ids).logits[0, 0]))
-    scorer = RewardScorer([model], [tokenizer])
+    scorer = RewardScorer([model], reward_processing_classes=[tokenizer])
     rewards = scorer.score(ROWS, prompts, completions, [[3], [4]], trainer_state=None)
     torch.testing.assert_close(rewards[:, 0], torch.tensor(expected), rtol=1e-5, atol=1e-5)
 
@@ -122,4 +122,4 @@ def test_reward_model_scores_prompt_plus_completion(conversational, tmp_path):
 
 def test_processing_class_count_must_match():
     with pytest.raises(ValueError, match="reward_processing_classes has 2 entries but there are 1"):
-        RewardScorer([exact], [None, None])
+        RewardScorer([exact], reward_processing_classes=[None, None])
