@@ -17,7 +17,6 @@ logp) -> `hidden_old`; the policy with grad (the loss) -> `hidden`, the leaf who
 from __future__ import annotations
 
 import collections
-import math
 
 import torch
 
@@ -148,14 +147,3 @@ def generation_round(trainer, batch_size: int):
     inputs = [{"prompt": str(i)} for i in range(batch_size)]
     generation_batch = trainer._generate_and_score_completions(inputs)
     return generation_batch, split_tensor_dict(generation_batch, trainer.args.steps_per_generation)
-
-
-def trl_metrics_of_last_call(trainer) -> dict[str, float]:
-    return {name: values[-1] for name, values in trainer._metrics["train"].items() if values}
-
-
-def nan_safe(value: float) -> float:
-    return 0.0 if math.isnan(value) else value
-
-
-
