@@ -46,12 +46,14 @@ TORCH_LIBRARY(fusedrl, m) {
 
   // Token-level GRPO-family loss with a trainable lm-head: logp, entropy and the loss's gradients w.r.t. hidden,
   // weight and bias (selected by output_mask) in one pass, with dL/dlogp evaluated per token inside the row pass
-  // (csrc/kernels/token_loss.h). loss_kind: 0 clipped (grpo, bnpo, dr_grpo, dapo), 1 cispo, 2 sapo.
+  // (csrc/kernels/token_loss.h). loss_kind: 0 clipped (grpo, bnpo, dr_grpo, dapo, luspo), 1 cispo, 2 sapo.
+  // kl_ratio_weighted: the KL term times the importance ratio (TRL's use_bias_correction_kl).
   m.def(
       "fused_linear_token_loss(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, float temperature, "
       "float? logit_softcap, bool return_entropy, Tensor? old_logp, Tensor advantages, Tensor? ref_logp, "
       "Tensor policy_weight, Tensor kl_weight, int loss_kind, float epsilon_low, float epsilon_high, float? delta, "
-      "float sapo_temperature_pos, float sapo_temperature_neg, bool[3] output_mask, int? chunk_size) "
+      "float sapo_temperature_pos, float sapo_temperature_neg, bool kl_ratio_weighted, bool[3] output_mask, "
+      "int? chunk_size) "
       "-> (Tensor logp, Tensor entropy, Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
 
   // Activation offload (offload_arena.cpp): torch.classes.fusedrl.OffloadArena owns a pinned host arena, a D2H and

@@ -95,10 +95,25 @@ def test_epsilon_high_defaults_to_epsilon_only_when_unset() -> None:
     assert GRPOConfig(epsilon=0.2, epsilon_high=0.28).epsilon_high == 0.28
 
 
-def test_warmup_steps_take_precedence_over_ratio() -> None:
-    assert GRPOConfig(warmup_ratio=0.1).get_warmup_steps(95) == 10
-    assert GRPOConfig(warmup_ratio=0.1, warmup_steps=3).get_warmup_steps(95) == 3
+def test_warmup_as_in_transformers_5() -> None:
+    """warmup_steps >= 1 is a step count (int() of it), below 1 a fraction of the total steps rounded up, exactly as
+    transformers 5's TrainingArguments.get_warmup_steps; warmup_ratio is its deprecated alias."""
+    assert GRPOConfig(warmup_steps=3).get_warmup_steps(95) == 3
+    assert GRPOConfig(warmup_steps=2.5).get_warmup_steps(95) == 2
+    assert GRPOConfig(warmup_steps=0.1).get_warmup_steps(95) == 10
     assert GRPOConfig().get_warmup_steps(95) == 0
+    transformers = pytest.importorskip("transformers")
+    for value in (3, 2.5, 0.1, 0.05, 0):
+        reference = transformers.TrainingArguments(output_dir="unused", warmup_steps=value, report_to=[])
+        assert GRPOConfig(warmup_steps=value).get_warmup_steps(95) == reference.get_warmup_steps(95), value
+    with pytest.warns(FutureWarning, match="warmup_ratio is deprecated"):
+        config = GRPOConfig(warmup_ratio=0.1)
+    assert (config.warmup_steps, config.warmup_ratio, config.get_warmup_steps(95)) == (0.1, 0.0, 10)
+    assert GRPOConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="warmup_ratio .* and warmup_steps .* are both set"):
+        GRPOConfig(warmup_ratio=0.1, warmup_steps=3)
+    with pytest.raises(ValueError, match="warmup_steps must be >= 0"):
+        GRPOConfig(warmup_steps=-1)
 
 
 def test_dict_round_trip() -> None:
