@@ -11,62 +11,42 @@ each micro-batch's own token count (as in TRL).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
 
 from fusedrl.model.hidden import lm_head_of
-from fusedrl.ops import grpo_loss
-from fusedrl.ops.options import PER_MICRO_BATCH_LOSSES, PER_STEP_TOKEN_LOSSES
+from fusedrl.ops import grpo_loss_with_options
+from fusedrl.ops.options import PER_MICRO_BATCH_LOSSES, PER_STEP_TOKEN_LOSSES, LossOptions
 from fusedrl.train.batching import TrainingBatch
-from fusedrl.train.config import GRPOConfig
 from fusedrl.train.optim import Precision
 from fusedrl.train.policy_forward import completion_hidden
 
 
-def micro_batch_loss(model: torch.nn.Module, batch: TrainingBatch, args: GRPOConfig, precision: Precision,
-                     num_items_in_batch: int) -> tuple[torch.Tensor, dict[str, float]]:
+def micro_batch_loss(model: torch.nn.Module, batch: TrainingBatch, loss_options: LossOptions, precision: Precision,
+                     num_items_in_batch: int, gradient_accumulation_steps: int) -> tuple[torch.Tensor, dict[str, float]]:
     """The loss of one micro-batch, already scaled for gradient accumulation, and the op's metrics."""
     with precision.autocast():
         hidden = completion_hidden(model, batch)
         head = lm_head_of(model)
-        output = grpo_loss(
-            hidden,
-            head.weight,
-            batch.completion_ids,
-            batch.completion_mask,
-            batch.advantages,
-            lm_head_bias=head.bias,
-            old_logp=batch.old_logp,
-            ref_logp=batch.ref_logp,
-            sampling_logp=batch.sampling_logp,
-            loss_type=args.loss_type,
-            importance_sampling_level=args.importance_sampling_level,
-            epsilon=args.epsilon,
-            epsilon_high=args.epsilon_high,
-            delta=args.delta,
-            beta=args.beta,
-            temperature=args.temperature,
-            max_completion_length=args.max_completion_length,
-            num_items_in_batch=num_items_in_batch if args.loss_type in PER_STEP_TOKEN_LOSSES else None,
-            vllm_importance_sampling_correction=batch.sampling_logp is not None,
-            vllm_importance_sampling_mode=args.vllm_importance_sampling_mode,
-            vllm_importance_sampling_clip_min=args.vllm_importance_sampling_clip_min,
-            vllm_importance_sampling_clip_max=args.vllm_importance_sampling_clip_max,
-            logit_softcap=head.logit_softcap,
-            return_entropy=True,
-            sapo_temperature_pos=args.sapo_temperature_pos,
-            sapo_temperature_neg=args.sapo_temperature_neg,
-        )
+        options = dataclasses.replace(
+            loss_options, logit_softcap=head.logit_softcap,
+            vllm_importance_sampling_correction=batch.sampling_logp is not None)
+        output = grpo_loss_with_options(
+            hidden, head.weight, batch.completion_ids, batch.completion_mask, batch.advantages, options,
+            lm_head_bias=head.bias, old_logp=batch.old_logp, ref_logp=batch.ref_logp, sampling_logp=batch.sampling_logp,
+            num_items_in_batch=num_items_in_batch if options.loss_type in PER_STEP_TOKEN_LOSSES else None,
+            return_entropy=True)
     loss = output.loss
-    if args.loss_type in PER_MICRO_BATCH_LOSSES:
-        loss = loss / args.gradient_accumulation_steps
+    if loss_options.loss_type in PER_MICRO_BATCH_LOSSES:
+        loss = loss / gradient_accumulation_steps
     metrics = {name: float(value) for name, value in output.metrics.items()}
     metrics["loss"] = float(loss.detach())
     return loss, metrics
 
 
-def accumulate_gradients(model: torch.nn.Module, micro_batches: Sequence[TrainingBatch], args: GRPOConfig,
+def accumulate_gradients(model: torch.nn.Module, micro_batches: Sequence[TrainingBatch], loss_options: LossOptions,
                          precision: Precision) -> dict[str, float]:
     """Forward and backward over the micro-batches of one optimizer step; gradients add up in `.grad`.
 
@@ -75,7 +55,7 @@ def accumulate_gradients(model: torch.nn.Module, micro_batches: Sequence[Trainin
     num_items_in_batch = sum(batch.num_active_tokens for batch in micro_batches)
     per_micro_batch = []
     for batch in micro_batches:
-        loss, metrics = micro_batch_loss(model, batch, args, precision, num_items_in_batch)
+        loss, metrics = micro_batch_loss(model, batch, loss_options, precision, num_items_in_batch, len(micro_batches))
         precision.backward(loss)
         per_micro_batch.append(metrics)
     averaged = mean_of_dicts(per_micro_batch)

@@ -102,6 +102,7 @@ class GRPOTrainer:
         self._prepare_model()
         self.ref_model = self._reference_model() if args.beta > 0 else None
         self.precision: Precision = create_precision(args, model)
+        self.loss_options = args.loss_options()
         self.rounds = GenerationRound(args, model, self.ref_model, processing_class, self.engine, self.scorer,
                                       self.train_dataset, self.precision,
                                       corrects_sampler_mismatch=self.corrects_sampler_mismatch)
@@ -203,11 +204,12 @@ class GRPOTrainer:
 
     def micro_batch_loss(self, batch: TrainingBatch, num_items_in_batch: int) -> tuple[torch.Tensor, dict[str, float]]:
         """The loss of one micro-batch, already scaled for gradient accumulation, and the op's metrics."""
-        return loss_step.micro_batch_loss(self.model, batch, self.args, self.precision, num_items_in_batch)
+        return loss_step.micro_batch_loss(self.model, batch, self.loss_options, self.precision, num_items_in_batch,
+                                          self.args.gradient_accumulation_steps)
 
     def accumulate_gradients(self, micro_batches: Sequence[TrainingBatch]) -> dict[str, float]:
         """Forward and backward over the micro-batches of one optimizer step (see loss_step.accumulate_gradients)."""
-        return loss_step.accumulate_gradients(self.model, micro_batches, self.args, self.precision)
+        return loss_step.accumulate_gradients(self.model, micro_batches, self.loss_options, self.precision)
 
     def per_token_logp(self, model: torch.nn.Module, batch: TrainingBatch) -> torch.Tensor:
         """(B, T) float32 logp of the completion tokens under `model` at the run's temperature, no graph kept."""
