@@ -238,6 +238,10 @@ class GRPOTrainer:
         self._sampling_generator = torch.Generator(self.device).manual_seed(self.args.seed)
         self._shuffle_generator = torch.Generator().manual_seed(self.args.seed)
 
+    def add_callback(self, callback: Any) -> None:
+        """Call `callback`'s on_train_begin / on_log / on_step_end / on_train_end (those it defines) from now on."""
+        self.callbacks.append(callback)
+
     def _notify(self, event: str, payload: Any) -> None:
         for callback in self.callbacks:
             handler = getattr(callback, event, None)
