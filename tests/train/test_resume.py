@@ -19,7 +19,7 @@ def digit_count_reward(prompts, completions, **kwargs):
 
 def make_trainer(run_dir, max_steps: int, callbacks, **overrides) -> GRPOTrainer:
     tokenizer = tiny_word_tokenizer()
-    base = tiny_model_from_tokenizer(tokenizer, hidden=32, layers=2, seed=0)
+    base = tiny_model_from_tokenizer(tokenizer, hidden=16, layers=1, seed=0)
     lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1)

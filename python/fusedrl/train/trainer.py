@@ -233,6 +233,11 @@ class GRPOTrainer:
         self._round_metrics.append(result.metrics)
         return result.micro_batches
 
+    def _generators(self) -> dict[str, torch.Generator]:
+        """The trainer's own generators (sampling, shuffling); none before train() or load_state_dict seeds them."""
+        named = {"sampling": self._sampling_generator, "shuffle": self._shuffle_generator}
+        return {name: generator for name, generator in named.items() if generator is not None}
+
     def _seed_everything(self) -> None:
         transformers.set_seed(self.args.seed)  # python, numpy and torch (all devices)
         self._sampling_generator = torch.Generator(self.device).manual_seed(self.args.seed)
@@ -266,8 +271,6 @@ class GRPOTrainer:
 
         "progress" and "model" are JSON-serialisable; the rest holds tensors and plain containers.
         """
-        if self._sampling_generator is None:
-            self._seed_everything()
         buffer = self.buffer.state_dict()
         if buffer["stored_round"] is not None:
             buffer["stored_round"] = [dataclasses.asdict(batch) for batch in buffer["stored_round"]]
@@ -277,7 +280,7 @@ class GRPOTrainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.precision.scaler.state_dict() if self.precision.scaler is not None else None,
-            "rng": capture_rng_state({"sampling": self._sampling_generator, "shuffle": self._shuffle_generator}),
+            "rng": capture_rng_state(self._generators()),
             "buffer": buffer,
         }
 
@@ -305,7 +308,9 @@ class GRPOTrainer:
         self.scheduler.load_state_dict(state["scheduler"])
         if self.precision.scaler is not None and state["scaler"] is not None:
             self.precision.scaler.load_state_dict(state["scaler"])
-        restore_rng_state(state["rng"], {"sampling": self._sampling_generator, "shuffle": self._shuffle_generator})
+        saved_generators = state["rng"].get("generators", {})
+        restore_rng_state(state["rng"], {name: generator for name, generator in self._generators().items()
+                                         if name in saved_generators})  # a state taken before train() has none
         self.buffer.load_state_dict(buffer)
         for key, value in progress.items():
             setattr(self.state, key, value)
