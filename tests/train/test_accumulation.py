@@ -28,7 +28,7 @@ def zero_reward(prompts, completions, **kwargs):
 
 def make_trainer(gas: int, micro: int, loss_type: str, seed: int = 0, **overrides) -> GRPOTrainer:
     tokenizer = tiny_word_tokenizer()
-    model = tiny_model_from_tokenizer(tokenizer, hidden=32, layers=2, seed=seed)
+    model = tiny_model_from_tokenizer(tokenizer, hidden=16, layers=1, seed=seed)
     values = dict(per_device_train_batch_size=micro, gradient_accumulation_steps=gas, num_generations=2,
                   max_completion_length=7, loss_type=loss_type, dtype="float32", gradient_checkpointing=False,
                   epsilon=0.1, epsilon_high=0.15, beta=0.02, vllm_importance_sampling_correction=False, max_steps=1)

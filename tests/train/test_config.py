@@ -128,7 +128,7 @@ def test_dict_round_trip() -> None:
 def test_from_dict_unknown_key_suggests_close_match() -> None:
     with pytest.raises(ValueError, match=r"'num_generation'.*'num_generations'"):
         GRPOConfig.from_dict({"num_generation": 4})
-    with pytest.raises(ValueError, match="Unknown GRPOConfig field"):
+    with pytest.raises(ValueError, match="unknown GRPOConfig field"):
         GRPOConfig.from_dict({"completely_unrelated_xyz": 1})
 
 

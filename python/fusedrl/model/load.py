@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import warnings
 
 import peft
@@ -102,6 +103,22 @@ def enable_activation_checkpointing(model: transformers.PreTrainedModel) -> None
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def check_model_location(name_or_path: str | os.PathLike[str]) -> None:
+    """FileNotFoundError for a path that does not exist and cannot be a Hub id ("org/name")."""
+    text = str(name_or_path)
+    if os.path.exists(text):
+        if not os.path.isdir(text):
+            raise FileNotFoundError(f"name_or_path: {text} is a file; expected a model folder or a Hub id")
+        return
+    looks_like_path = isinstance(name_or_path, os.PathLike) or text.startswith(("/", ".", "~")) or "\\" in text
+    if looks_like_path or not _HUB_ID.match(text) or ".." in text or "--" in text:
+        raise FileNotFoundError(f"name_or_path: {text} does not exist; expected a model folder, a Hub id such as "
+                                "'HuggingFaceTB/SmolLM2-135M-Instruct', or 'smollm2-offline' (the CLI's demo model)")
+
+
 def load_model(
     name_or_path: str | os.PathLike[str],
     *,
@@ -140,7 +157,13 @@ def load_model(
         if lora is None:
             raise ValueError("load_in_4bit=True needs lora=LoraConfig(...): 4-bit base weights cannot be trained")
 
-    tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    check_model_location(name_or_path)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except OSError as error:  # neither a folder here nor a model the Hub (or its offline cache) has
+        raise FileNotFoundError(
+            f"name_or_path: {str(name_or_path)!r} is neither a local model folder nor a Hub model available here "
+            f"({' '.join(str(error).split())[:160]})") from error
     tokenizer = _prepare_tokenizer(tokenizer, max_seq_length)
 
     if load_in_4bit:

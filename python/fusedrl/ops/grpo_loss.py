@@ -77,6 +77,29 @@ def grpo_loss(
         vllm_importance_sampling_clip_min=vllm_importance_sampling_clip_min,
         vllm_importance_sampling_clip_max=vllm_importance_sampling_clip_max, logit_softcap=logit_softcap,
         logit_scale=logit_scale, sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg)
+    return grpo_loss_with_options(hidden, lm_head_weight, completion_ids, completion_mask, advantages, opts,
+                                  lm_head_bias=lm_head_bias, old_logp=old_logp, ref_logp=ref_logp,
+                                  sampling_logp=sampling_logp, num_items_in_batch=num_items_in_batch,
+                                  return_entropy=return_entropy, chunk_size=chunk_size)
+
+
+def grpo_loss_with_options(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    advantages: torch.Tensor,
+    opts: LossOptions,
+    *,
+    lm_head_bias: torch.Tensor | None = None,
+    old_logp: torch.Tensor | None = None,
+    ref_logp: torch.Tensor | None = None,
+    sampling_logp: torch.Tensor | None = None,
+    num_items_in_batch: torch.Tensor | float | None = None,
+    return_entropy: bool = False,
+    chunk_size: int | None = None,
+) -> GRPOLossOutput:
+    """grpo_loss with its loss options in one LossOptions (e.g. GRPOConfig.loss_options())."""
     check_loss_inputs(hidden, lm_head_weight, completion_ids, completion_mask, advantages, old_logp=old_logp,
                       ref_logp=ref_logp, sampling_logp=sampling_logp, opts=opts)
     head_trainable = torch.is_grad_enabled() and (

@@ -13,21 +13,20 @@ are resolved in ``__post_init__`` the way TRL resolves them for a single process
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from fusedrl.config_fields import check_field_types, check_known_fields
+
 if TYPE_CHECKING:
     import torch
 
+    from fusedrl.ops.options import LossOptions
     from fusedrl.rollout.base import SamplingConfig
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
-IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 SCALE_REWARDS = ("group", "batch", "none")
-VLLM_IMPORTANCE_SAMPLING_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 OPTIMIZERS = ("adamw_torch", "adamw_8bit")
 LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 DTYPES = ("bfloat16", "float16", "float32")
@@ -207,10 +206,8 @@ class GRPOConfig:
         if isinstance(self.scale_rewards, bool):
             self.scale_rewards = "group" if self.scale_rewards else "none"
 
-        _one_of("loss_type", self.loss_type, LOSS_TYPES)
-        _one_of("importance_sampling_level", self.importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS)
+        check_field_types(self)
         _one_of("scale_rewards", self.scale_rewards, SCALE_REWARDS)
-        _one_of("vllm_importance_sampling_mode", self.vllm_importance_sampling_mode, VLLM_IMPORTANCE_SAMPLING_MODES)
         _one_of("optim", self.optim, OPTIMIZERS)
         _one_of("lr_scheduler_type", self.lr_scheduler_type, LR_SCHEDULERS)
         _one_of("dtype", self.dtype, DTYPES)
@@ -244,6 +241,9 @@ class GRPOConfig:
                 "At least one of vllm_importance_sampling_clip_min or vllm_importance_sampling_clip_max must be set "
                 f"when vllm_importance_sampling_mode is {self.vllm_importance_sampling_mode!r}."
             )
+        # The loss and sampling settings are validated by the objects the op and the engine receive.
+        self.loss_options()
+        self.sampling_config()
         if self.loss_type == "luspo" and self.importance_sampling_level != "sequence":
             warnings.warn(
                 "loss_type='luspo' is meant to be used with importance_sampling_level='sequence' (the paper's setup).",
@@ -283,27 +283,6 @@ class GRPOConfig:
     def _check_ranges(self) -> None:
         if not self.learning_rate >= 0:
             raise ValueError(f"learning_rate must be >= 0, got {self.learning_rate}.")
-        if not self.beta >= 0:
-            raise ValueError(f"beta (KL coefficient) must be >= 0, got {self.beta}.")
-        if not self.temperature > 0:
-            raise ValueError(
-                f"temperature must be > 0, got {self.temperature}; for greedy decoding use a small temperature or "
-                "top_k=1."
-            )
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 disables top-k), got {self.top_k}.")
-        if self.min_p is not None and not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must be None or in [0, 1], got {self.min_p}.")
-        if not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}.")
-        if not self.epsilon >= 0:
-            raise ValueError(f"epsilon must be >= 0, got {self.epsilon}.")
-        if self.epsilon_high is not None and not self.epsilon_high >= 0:
-            raise ValueError(f"epsilon_high must be None or >= 0, got {self.epsilon_high}.")
-        if self.delta is not None and not self.delta > 1:
-            raise ValueError(f"delta must be None or > 1 (recommended > 1 + epsilon), got {self.delta}.")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
         if self.warmup_ratio:
@@ -358,6 +337,22 @@ class GRPOConfig:
         assert self.generation_batch_size is not None
         return self.generation_batch_size // self.num_generations
 
+    def loss_options(self) -> LossOptions:
+        """The fused loss op's options of this run (the trainer adds the model's logit_softcap and, per batch,
+        whether sampler logps are there to correct with)."""
+        from fusedrl.ops.options import LossOptions
+
+        return LossOptions(
+            loss_type=self.loss_type, importance_sampling_level=self.importance_sampling_level, epsilon=self.epsilon,
+            epsilon_high=self.epsilon_high, delta=self.delta, beta=self.beta,
+            use_bias_correction_kl=self.use_bias_correction_kl, temperature=self.temperature,
+            max_completion_length=self.max_completion_length,
+            vllm_importance_sampling_correction=self.vllm_importance_sampling_correction,
+            vllm_importance_sampling_mode=self.vllm_importance_sampling_mode,
+            vllm_importance_sampling_clip_min=self.vllm_importance_sampling_clip_min,
+            vllm_importance_sampling_clip_max=self.vllm_importance_sampling_clip_max,
+            sapo_temperature_pos=self.sapo_temperature_pos, sapo_temperature_neg=self.sapo_temperature_neg)
+
     def sampling_config(self) -> SamplingConfig:
         """The rollout engine's sampling settings of this run."""
         from fusedrl.rollout.base import SamplingConfig
@@ -388,19 +383,13 @@ class GRPOConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> GRPOConfig:
         """Build a config from a dict (e.g. a TOML table); unknown keys raise ValueError naming close matches."""
-        known = {f.name for f in dataclasses.fields(cls)}
         from fusedrl.train.trl_fields import not_supported_error
 
+        known = {f.name for f in dataclasses.fields(cls)}
         error = not_supported_error([key for key in values if key not in known])
         if error is not None:
             raise error
-        unknown = [key for key in values if key not in known]
-        if unknown:
-            hints = []
-            for key in unknown:
-                close = difflib.get_close_matches(key, sorted(known), n=3, cutoff=0.6)
-                hints.append(f"{key!r} (did you mean {', '.join(map(repr, close))}?)" if close else repr(key))
-            raise ValueError(f"Unknown GRPOConfig field(s): {'; '.join(hints)}.")
+        check_known_fields("GRPOConfig", values, (f.name for f in dataclasses.fields(cls)))
         values = dict(values)
         # A dict produced by to_dict() carries both derived batch fields; TRL allows only one as input, so drop the
         # derived one when it is consistent with the other.

@@ -11,13 +11,14 @@ router_aux_loss_coef x the router load-balancing loss / gradient_accumulation_st
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
 
 from fusedrl.model.hidden import lm_head_of
 from fusedrl.model.moe import RouterAux, forward_hidden_and_router_aux
-from fusedrl.ops import grpo_loss
+from fusedrl.ops import grpo_loss_with_options
 from fusedrl.train.batching import TrainingBatch
 from fusedrl.train.checkpointing import reset_after_micro_batch
 from fusedrl.train.config import GRPOConfig
@@ -41,36 +42,13 @@ def micro_batch_loss(model: torch.nn.Module, batch: TrainingBatch, args: GRPOCon
             hidden, aux_loss = forward_hidden_and_router_aux(model, input_ids, attention_mask,
                                                              batch.completion_ids.shape[1], router_aux)
         head = lm_head_of(model)
-        output = grpo_loss(
-            hidden,
-            head.weight,
-            batch.completion_ids,
-            batch.completion_mask,
-            batch.advantages,
-            lm_head_bias=head.bias,
-            old_logp=batch.old_logp,
-            ref_logp=batch.ref_logp,
-            sampling_logp=batch.sampling_logp,
-            loss_type=args.loss_type,
-            importance_sampling_level=args.importance_sampling_level,
-            epsilon=args.epsilon,
-            epsilon_high=args.epsilon_high,
-            delta=args.delta,
-            beta=args.beta,
-            use_bias_correction_kl=args.use_bias_correction_kl,
-            temperature=args.temperature,
-            max_completion_length=args.max_completion_length,
-            num_items_in_batch=num_items_in_batch,
-            vllm_importance_sampling_correction=batch.sampling_logp is not None,
-            vllm_importance_sampling_mode=args.vllm_importance_sampling_mode,
-            vllm_importance_sampling_clip_min=args.vllm_importance_sampling_clip_min,
-            vllm_importance_sampling_clip_max=args.vllm_importance_sampling_clip_max,
-            logit_softcap=head.logit_softcap,
-            logit_scale=head.logit_scale,
-            return_entropy=True,
-            sapo_temperature_pos=args.sapo_temperature_pos,
-            sapo_temperature_neg=args.sapo_temperature_neg,
-        )
+        options = dataclasses.replace(
+            args.loss_options(), logit_softcap=head.logit_softcap, logit_scale=head.logit_scale,
+            vllm_importance_sampling_correction=batch.sampling_logp is not None)
+        output = grpo_loss_with_options(
+            hidden, head.weight, batch.completion_ids, batch.completion_mask, batch.advantages, options,
+            lm_head_bias=head.bias, old_logp=batch.old_logp, ref_logp=batch.ref_logp, sampling_logp=batch.sampling_logp,
+            num_items_in_batch=num_items_in_batch, return_entropy=True)
     loss = output.loss / divisor
     metrics = {name: float(value) for name, value in output.metrics.items()}
     if aux_loss is not None:

@@ -117,6 +117,7 @@ class GRPOTrainer:
         self.ref_model = self._reference_model() if args.beta > 0 else None
         peft_reference = reference_context(model) if args.beta > 0 and self.ref_model is None else None
         self.precision: Precision = create_precision(args, model)
+        self.loss_options = args.loss_options()
         self.rounds = GenerationRound(args, model, self.ref_model, processing_class, self.engine, self.scorer,
                                       self.train_dataset, self.precision,
                                       corrects_sampler_mismatch=self.corrects_sampler_mismatch,
@@ -241,6 +242,11 @@ class GRPOTrainer:
         self._round_metrics.append(result.metrics)
         return result.micro_batches
 
+    def _generators(self) -> dict[str, torch.Generator]:
+        """The trainer's own generators (sampling, shuffling); none before train() or load_state_dict seeds them."""
+        named = {"sampling": self._sampling_generator, "shuffle": self._shuffle_generator}
+        return {name: generator for name, generator in named.items() if generator is not None}
+
     def _seed_everything(self) -> None:
         transformers.set_seed(self.args.seed)  # python, numpy and torch (all devices)
         self._sampling_generator = torch.Generator(self.device).manual_seed(self.args.seed)
@@ -256,6 +262,12 @@ class GRPOTrainer:
         kinds = tuple(type(callback) for callback in self.user_callbacks)
         defaults = [callback for callback in default_callbacks(self.args) if not isinstance(callback, kinds)]
         return defaults + self.user_callbacks
+
+    def add_callback(self, callback: Any) -> None:
+        """Call `callback`'s on_train_begin / on_log / on_step_end / on_train_end (those it defines) from now on."""
+        self.user_callbacks.append(callback)
+        if self.callbacks:  # already assembled by train()
+            self.callbacks.append(callback)
 
     def _notify(self, event: str, payload: Any) -> None:
         for callback in self.callbacks:
@@ -281,8 +293,6 @@ class GRPOTrainer:
 
         "progress" and "model" are JSON-serialisable; the rest holds tensors and plain containers.
         """
-        if self._sampling_generator is None:
-            self._seed_everything()
         buffer = self.buffer.state_dict()
         if buffer["stored_round"] is not None:
             buffer["stored_round"] = [dataclasses.asdict(batch) for batch in buffer["stored_round"]]
@@ -292,7 +302,7 @@ class GRPOTrainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.precision.scaler.state_dict() if self.precision.scaler is not None else None,
-            "rng": capture_rng_state({"sampling": self._sampling_generator, "shuffle": self._shuffle_generator}),
+            "rng": capture_rng_state(self._generators()),
             "buffer": buffer,
         }
 
@@ -320,7 +330,9 @@ class GRPOTrainer:
         self.scheduler.load_state_dict(state["scheduler"])
         if self.precision.scaler is not None and state["scaler"] is not None:
             self.precision.scaler.load_state_dict(state["scaler"])
-        restore_rng_state(state["rng"], {"sampling": self._sampling_generator, "shuffle": self._shuffle_generator})
+        saved_generators = state["rng"].get("generators", {})
+        restore_rng_state(state["rng"], {name: generator for name, generator in self._generators().items()
+                                         if name in saved_generators})  # a state taken before train() has none
         self.buffer.load_state_dict(buffer)
         for key, value in progress.items():
             setattr(self.state, key, value)
