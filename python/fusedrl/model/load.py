@@ -1,14 +1,13 @@
 """Load a Hugging Face causal LM and its tokenizer ready for GRPO training.
 
-`load_model` loads any transformers causal LM (Llama, Qwen2/3, Mistral, Gemma families), in 16/32-bit or, on CUDA,
-4-bit NF4 through bitsandbytes (QLoRA); makes the tokenizer generation-ready (pad token, left padding); attaches
-LoRA adapters with peft so only the adapters train (base weights, embeddings and lm-head frozen); and turns on
-non-reentrant gradient checkpointing.
+`load_model` loads any transformers causal LM (Llama, Qwen2/3, Mistral, Gemma families), in 16/32-bit or 4-bit
+NF4 (QLoRA, on CPU and CUDA, fusedrl's own NF4 layers: no bitsandbytes needed, see `fusedrl.model.quantize`);
+makes the tokenizer generation-ready (pad token, left padding); attaches LoRA adapters with peft so only the
+adapters train (base weights, embeddings and lm-head frozen); and turns on non-reentrant gradient checkpointing.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import warnings
 
@@ -17,6 +16,8 @@ import torch
 import transformers
 
 from fusedrl.model.lora import LoraConfig
+from fusedrl.model.quantize import bnb_4bit_settings, load_prequantized, quantize_linear_layers
+from fusedrl.nn.nf4_lora import nf4_lora_config
 
 _DTYPE_NAMES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
@@ -28,12 +29,6 @@ _DTYPE_NAMES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
     "float": torch.float32,
 }
-
-_QLORA_INSTALL_HINT = (
-    "load_in_4bit=True needs a CUDA GPU and the bitsandbytes package (`pip install bitsandbytes`); "
-    "fusedrl's own NF4 op will replace bitsandbytes here once it lands"
-)
-
 
 DEFAULT_LORA = LoraConfig()  # r=16, lora_alpha=32, all linear layers
 
@@ -65,13 +60,6 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} asks for CUDA but torch sees no CUDA device")
     return resolved
-
-
-def _check_4bit_available(device: torch.device) -> None:
-    if device.type != "cuda" or not torch.cuda.is_available():
-        raise RuntimeError(f"{_QLORA_INSTALL_HINT} (device is {device})")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise RuntimeError(f"{_QLORA_INSTALL_HINT} (bitsandbytes is not installed)")
 
 
 def _prepare_tokenizer(
@@ -136,40 +124,32 @@ def load_model(
         raise TypeError(f"gradient_checkpointing must be a bool, got {gradient_checkpointing!r}")
     target_device = resolve_device(device)
     if load_in_4bit:
-        _check_4bit_available(target_device)
         if lora is None:
             raise ValueError("load_in_4bit=True needs lora=LoraConfig(...): 4-bit base weights cannot be trained")
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     tokenizer = _prepare_tokenizer(tokenizer, max_seq_length)
 
-    if load_in_4bit:
-        quantization = transformers.BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch_dtype,
+    config = transformers.AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    prequantized = bnb_4bit_settings(config) is not None
+    if prequantized and not load_in_4bit:
+        raise ValueError(
+            f"{name_or_path} is a bitsandbytes 4-bit NF4 checkpoint: pass load_in_4bit=True (with a LoRA config)"
         )
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            name_or_path,
-            dtype=torch_dtype,
-            quantization_config=quantization,
-            device_map={"": str(target_device)},
-            trust_remote_code=trust_remote_code,
-        )
-        # peft upcasts every non-4-bit parameter (norms, embeddings, lm-head) to float32 here.
-        model = peft.prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
+    if prequantized:
+        model = load_prequantized(
+            name_or_path, config, dtype=torch_dtype, device=target_device, trust_remote_code=trust_remote_code
         )
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(
             name_or_path, dtype=torch_dtype, trust_remote_code=trust_remote_code
         )
+        if load_in_4bit:
+            # Quantized on the target device one layer at a time; the rest follows in `dtype`.
+            quantize_linear_layers(model, device=target_device, compute_dtype=torch_dtype)
         model.to(target_device)
-        if gradient_checkpointing:
-            enable_activation_checkpointing(model)
+    if gradient_checkpointing:
+        enable_activation_checkpointing(model)
 
     max_positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     if max_positions is not None and max_seq_length > max_positions:
@@ -183,6 +163,9 @@ def load_model(
         model.config.use_cache = False
 
     if lora is not None:
-        model = peft.get_peft_model(model, lora.to_peft())
+        peft_config = lora.to_peft()
+        if load_in_4bit:
+            peft_config = nf4_lora_config(peft_config, model)
+        model = peft.get_peft_model(model, peft_config)
     model.train()
     return model, tokenizer
