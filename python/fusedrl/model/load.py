@@ -107,9 +107,13 @@ def load_model(
     (everything else frozen; adapter weights are float32 over a 16-bit base, peft's default), else the plain
     transformers model with all parameters trainable. The tokenizer pads on the left and has a pad token (eos when
     it had none). `max_seq_length` becomes the tokenizer's `model_max_length`; a warning is given when it exceeds
-    the model's `max_position_embeddings`. `device` defaults to cuda when available, else cpu. With
-    `load_in_4bit` (CUDA + bitsandbytes only) the linear weights are NF4 with double quantization, computing in
-    `dtype`, and peft's `prepare_model_for_kbit_training` upcasts the remaining weights to float32.
+    the model's `max_position_embeddings`. `device` defaults to cuda when available, else cpu.
+
+    With `load_in_4bit` every linear layer but the lm-head becomes an `NF4Linear` (NF4, blocksize 64,
+    double-quantized statistics: bitsandbytes' bytes), quantized on `device` one layer at a time, on CPU or CUDA,
+    without bitsandbytes; embeddings, lm-head and norms stay in `dtype` (no float32 upcast). A checkpoint saved by
+    bitsandbytes in 4-bit NF4 (`quantization_config` with `load_in_4bit`, `bnb_4bit_quant_type="nf4"`) is read as
+    it is, without bitsandbytes, and needs `load_in_4bit=True`. LoRA over NF4 layers runs the fused NF4 LoRA op.
     """
     if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path):
         raise ValueError(f"name_or_path must be a Hub model id or a local folder, got {name_or_path!r}")

@@ -3,6 +3,7 @@
 quantize_linear_layers   replaces every torch.nn.Linear except the output layer by an `NF4Linear` (fusedrl's own
                          quantizer, bitsandbytes' bytes), one layer at a time on the target device, so the 16-bit
                          copy of a layer lives on the GPU only while it is quantized.
+dequantize_nf4_layers    the way back: every NF4Linear becomes a dense nn.Linear (merged exports).
 bnb_4bit_settings        reads `quantization_config` from a checkpoint's config: None for a dense checkpoint,
                          the NF4 settings for a bitsandbytes 4-bit one, a clear error for anything we cannot read.
 load_prequantized        builds the model skeleton on the meta device, swaps in empty NF4Linear layers where the
@@ -67,6 +68,15 @@ def quantize_linear_layers(
         )
         _set_submodule(model, name, quantized)
         del linear
+    return names
+
+
+@torch.no_grad()
+def dequantize_nf4_layers(model: torch.nn.Module, dtype: torch.dtype | None = None) -> list[str]:
+    """Replace every NF4Linear of `model` by a dense nn.Linear in `dtype` (default its compute dtype); names."""
+    names = [name for name, module in model.named_modules() if isinstance(module, NF4Linear)]
+    for name in names:
+        _set_submodule(model, name, model.get_submodule(name).to_linear(dtype))
     return names
 
 
@@ -176,19 +186,13 @@ def load_prequantized(
             raise ValueError(f"{folder}: the checkpoint quantizes {name!r}, which the model does not have") from error
         if not isinstance(linear, torch.nn.Linear):
             raise ValueError(f"{folder}: {name!r} is quantized in the checkpoint but is a {type(linear).__name__}")
-        _set_submodule(
-            model,
-            name,
-            NF4Linear(
-                linear.in_features,
-                linear.out_features,
-                bias=linear.bias is not None,
-                compute_dtype=dtype,
-                compress_statistics=f"{name}.weight.nested_absmax" in state,
-                blocksize=_blocksize_of(state, name),
-                device="meta",
-            ),
+        empty = NF4Linear.empty_like(
+            linear,
+            compute_dtype=dtype,
+            blocksize=_blocksize_of(state, name),
+            compress_statistics=f"{name}.weight.nested_absmax" in state,
         )
+        _set_submodule(model, name, empty)
     model.to_empty(device=device)
     # Non-persistent buffers (rotary inverse frequencies) are not in the checkpoint: transformers computes them
     # in its weight init; the parameters it initialises here are overwritten by the checkpoint below.

@@ -147,6 +147,27 @@ class NF4Linear(torch.nn.Module):
         return cls.from_quantized(packed, state, bias=bias, compute_dtype=compute_dtype)
 
     @classmethod
+    def empty_like(
+        cls,
+        linear: torch.nn.Linear,
+        *,
+        compute_dtype: torch.dtype | None = None,
+        blocksize: int = 64,
+        compress_statistics: bool = True,
+        device: torch.device | str | None = "meta",
+    ) -> NF4Linear:
+        """An unfilled NF4Linear of `linear`'s shape (default on the meta device), to load a state dict into."""
+        return cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            compute_dtype=compute_dtype or linear.weight.dtype,
+            blocksize=blocksize,
+            compress_statistics=compress_statistics,
+            device=device,
+        )
+
+    @classmethod
     def from_quantized(
         cls,
         packed: torch.Tensor,
