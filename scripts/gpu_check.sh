@@ -13,6 +13,7 @@
 #   4 tests      python -m pytest tests -m cuda -q -rfEs --continue-on-collection-errors [-k PATTERN]
 #   5 bench      bench/bench_grpo_loss.py [--quick] [ARGS] -> bench_grpo_loss.json (e.g. --bench-args
 #                "--shapes llama3.1-8b --n-tokens 16384 --modes frozen_token,logprob")
+#   5b bench_nf4 bench/bench_nf4.py -> bench_nf4.json, bench_nf4.log (NF4 + LoRA vs bitsandbytes + peft vs bf16)
 #   6 cpp_bench  every executable the build left in build/*/bench/cpp
 #   7 summary    a short table printed last (the device tool returns the end of the output)
 # Files written to $OUT (at most 8 come back): build.log doctor.log tests.log tests.xml bench.log
@@ -181,6 +182,18 @@ else
   run_logged "$limit" "$OUT_DIR/bench.log" $PY bench/bench_grpo_loss.py "${BENCH_ARGS[@]}"
   rc=$?
   record bench "$(status_of $rc)" $((SECONDS - t0))
+fi
+
+# ---- 5b NF4 bench ------------------------------------------------------------------------------------------
+if ((!NO_BENCH)) && [[ -f bench/bench_nf4.py ]]; then
+  t0=$SECONDS
+  limit="$(step_limit 240)"
+  NF4_ARGS=(--json "$OUT_DIR/bench_nf4.json" --time-budget $((limit > 60 ? limit - 40 : limit / 2)))
+  ((QUICK)) && NF4_ARGS+=(--models llama3.1-8b --tokens 1,8,4096)
+  ((CPU)) && NF4_ARGS=(--cpu-smoke --json "$OUT_DIR/bench_nf4.json")
+  run_logged "$limit" "$OUT_DIR/bench_nf4.log" $PY bench/bench_nf4.py "${NF4_ARGS[@]}"
+  rc=$?
+  record bench_nf4 "$(status_of $rc) $(grep -E '^targets:' "$OUT_DIR/bench_nf4.log" | tail -1)" $((SECONDS - t0))
 fi
 
 # ---- 6 C++ microbenchmarks -------------------------------------------------------------------------------------

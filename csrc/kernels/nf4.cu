@@ -147,6 +147,7 @@ __device__ __forceinline__ float warp_max(float v) {
 template <typename T>
 __global__ void nf4_quantize_kernel(const T* x, int64_t n, int64_t blocksize, uint8_t* packed, float* absmax,
                                     int64_t nblocks) {
+  const Nf4CudaThresholds thresholds;
   const int64_t b = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (b >= nblocks) return;
@@ -159,7 +160,7 @@ __global__ void nf4_quantize_kernel(const T* x, int64_t n, int64_t blocksize, ui
   for (int64_t i = start + 2 * lane; i < stop; i += 64) {
     const float hi = Conv<T>::load(x[i]) * scale;
     const float lo = (i + 1 < stop ? Conv<T>::load(x[i + 1]) : 0.0f) * scale;  // the pad value 0 is scaled too
-    packed[i >> 1] = static_cast<uint8_t>(nf4_index(hi) << 4 | nf4_index(lo));
+    packed[i >> 1] = static_cast<uint8_t>(nf4_index(hi, thresholds.v) << 4 | nf4_index(lo, thresholds.v));
   }
 }
 

@@ -17,9 +17,11 @@
 // neighbouring table entries; a value equal to a midpoint takes the lower code). bitsandbytes rounds slightly
 // differently per device and we follow each device, so the bytes equal bitsandbytes' on the same device:
 //   CPU (its PyTorch reference op):  scale = 1 / max(absmax, 1e-38) correctly rounded, x * scale clamped to
-//        [-1, 1]; the partial last block divides (x / absmax) instead. An all-zero block stores code 7 (0.0).
-//   CUDA (its kernel, built with --use_fast_math): scale = the approximate reciprocal 1 / absmax; an all-zero
-//        block gives NaN and so code 0 (-1.0 * 0 = -0.0 after dequantization).
+//        [-1, 1]; the partial last block divides (x / absmax) instead; thresholds = float32 midpoints. An
+//        all-zero block stores code 7 (0.0).
+//   CUDA (its kernel, built with --use_fast_math): scale = the approximate reciprocal 1 / absmax; thresholds =
+//        Nf4CudaThresholds (four differ from the midpoints by one ulp); an all-zero block gives NaN and so code 0
+//        (-1.0 * 0 = -0.0 after dequantization).
 // Nested absmax (blockwise 8-bit quantization of absmax - offset, blocks of 256, the signed dynamic map):
 //   CUDA: the nearest map entry by bitsandbytes' binary search (blockwise8_index below, ties as it breaks them);
 //   CPU: bitsandbytes' CPU lookup table (65536 bins over [-1, 1], each holding the entry nearest its left edge),
@@ -103,21 +105,24 @@ FUSEDRL_NF4_HD float nf4_block_scale(const Nf4Weight& w, int64_t b) {
 #endif
 }
 
-// Index of the NF4 code nearest to a normalised value (ties to the lower code); NaN gives 0, as in bitsandbytes'
-// CUDA decision tree.
-FUSEDRL_NF4_HD int nf4_index(float x) {
-  // float32 midpoints (kNf4Code[i] + kNf4Code[i + 1]) / 2 (the tests check they are exactly that); local so that
-  // device code can use them.
-  constexpr float kThresholds[15] = {
-      -0.8480964004993439f, -0.6106329262256622f, -0.4599952697753906f, -0.33967943489551544f,
-      -0.23460740596055984f, -0.13791173323988914f, -0.045525018125772476f, 0.03979014977812767f,
-      0.1202552504837513f, 0.2035212516784668f, 0.2920137718319893f, 0.3893125355243683f, 0.5016634166240692f,
-      0.6427869200706482f, 0.8614784181118011f};
+// Index of the NF4 code for a normalised value: the number of thresholds below x (a value equal to a threshold
+// takes the lower code; NaN gives 0, as in bitsandbytes' CUDA decision tree).
+FUSEDRL_NF4_HD int nf4_index(float x, const float* thresholds) {
   int q = 0;
 #pragma unroll
-  for (int i = 0; i < 15; ++i) q += x > kThresholds[i] ? 1 : 0;
+  for (int i = 0; i < 15; ++i) q += x > thresholds[i] ? 1 : 0;
   return q;
 }
+
+// bitsandbytes' CUDA thresholds: the decimal literals of its decision tree, which round to the float32 midpoints
+// (kNf4Code[i] + kNf4Code[i + 1]) / 2 except for four (i = 0, 8, 12, 14) that lie one ulp away. Its CPU path
+// (and nf4_quantize_cpu) uses the float32 midpoints themselves.
+struct Nf4CudaThresholds {
+  float v[15] = {-0.8480964004993439f, -0.6106329262256622f, -0.4599952697753906f, -0.33967943489551544f,
+                 -0.23460740596055984f, -0.13791173323988914f, -0.045525018125772476f, 0.03979014977812767f,
+                 0.1202552504837513f, 0.2035212516784668f, 0.2920137718319893f, 0.3893125355243683f,
+                 0.5016634166240692f, 0.6427869200706482f, 0.8614784181118011f};
+};
 
 // bitsandbytes' CUDA binary search for the entry of a sorted 256-entry map nearest to x (its rounding at ties).
 FUSEDRL_NF4_HD int blockwise8_index(const float* code, float x) {

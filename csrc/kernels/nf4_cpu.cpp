@@ -74,6 +74,8 @@ void nf4_quantize_cpu(const void* x, Nf4Dtype dtype, int64_t n, int64_t blocksiz
                       int64_t block_begin, int64_t block_end) {
   std::vector<float> values(static_cast<size_t>(blocksize));
   std::vector<uint8_t> codes(static_cast<size_t>(blocksize) + 1, 0);
+  float thresholds[15];  // float32 midpoints, as bitsandbytes' CPU op computes them
+  for (int i = 0; i < 15; ++i) thresholds[i] = (kNf4Code[i] + kNf4Code[i + 1]) / 2.0f;
   const int64_t full_blocks = n / blocksize;
   for (int64_t b = block_begin; b < block_end; ++b) {
     const int64_t start = b * blocksize, count = std::min(n, start + blocksize) - start;
@@ -86,13 +88,12 @@ void nf4_quantize_cpu(const void* x, Nf4Dtype dtype, int64_t n, int64_t blocksiz
     const float safe = std::max(amax, 1e-38f);  // torch's clamp(min=1e-38)
     if (b < full_blocks) {
       const float scale = 1.0f / safe;
-      for (int64_t i = 0; i < count; ++i) codes[i] = nf4_index(std::clamp(values[i] * scale, -1.0f, 1.0f));
+      for (int64_t i = 0; i < count; ++i) codes[i] = nf4_index(std::clamp(values[i] * scale, -1.0f, 1.0f), thresholds);
     } else {  // bitsandbytes' CPU op divides in the partial last block
-      for (int64_t i = 0; i < count; ++i) codes[i] = nf4_index(std::clamp(values[i] / safe, -1.0f, 1.0f));
+      for (int64_t i = 0; i < count; ++i) codes[i] = nf4_index(std::clamp(values[i] / safe, -1.0f, 1.0f), thresholds);
     }
     // Blocks have even length except the last one, so a block's first element is the high nibble of a byte.
-    codes[count] = 0;  // a zero low nibble pads an odd total (bitsandbytes pads the scaled values with 0.0)
-    if (count & 1) codes[count] = static_cast<uint8_t>(nf4_index(0.0f));
+    codes[count] = static_cast<uint8_t>(nf4_index(0.0f, thresholds));  // pads an odd total, as bitsandbytes does
     for (int64_t i = 0; i < count; i += 2) packed[(start + i) >> 1] = static_cast<uint8_t>(codes[i] << 4 | codes[i + 1]);
   }
 }

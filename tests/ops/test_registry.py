@@ -23,6 +23,13 @@ OPS = {
 }
 KERNELS = {"fused_linear_logp": "logp_rows", "fused_linear_logp_backward": "logp_rows",
            "fused_linear_token_loss": "logp_rows"}
+# The NF4 family: one kernel file pair (csrc/kernels/nf4*), one registration list (csrc/torch/nf4.h), the op
+# (nf4_code is a constant, no device kernel) -> (Python face, reference, tests, benchmark)
+NF4_OPS = {op: ("python/fusedrl/ops/nf4.py", ref, "tests/ops/test_nf4.py", "bench/bench_nf4.py")
+           for op, ref in (("nf4_quantize", "nf4_quantize_reference"), ("blockwise8_quantize", "nf4_quantize_reference"),
+                           ("nf4_dequantize", "nf4_dequantize_reference"),
+                           ("nf4_lora_linear", "nf4_lora_linear_reference"),
+                           ("nf4_lora_linear_backward", "nf4_lora_linear_reference"))}
 
 
 def declared_ops() -> set[str]:
@@ -31,7 +38,7 @@ def declared_ops() -> set[str]:
 
 
 def test_every_declared_op_is_listed_here():
-    assert declared_ops() == set(OPS)
+    assert declared_ops() == set(OPS) | set(NF4_OPS) | {"nf4_code"}
 
 
 def test_every_op_has_cpu_and_cuda_kernels_and_registrations():
@@ -55,3 +62,19 @@ def test_every_op_has_fake_face_reference_tests_and_benchmark():
         assert callable(getattr(reference, ref))
         assert (ROOT / tests).exists()
         assert (ROOT / bench).exists(), f"{op}: missing benchmark {bench}"
+
+
+def test_every_nf4_op_has_kernels_registrations_fake_reference_tests_and_benchmark():
+    from fusedrl.ops import reference
+
+    assert (ROOT / "csrc/kernels/nf4_cpu.cpp").exists() and (ROOT / "csrc/kernels/nf4.cu").exists()
+    header = (ROOT / "csrc/torch/nf4.h").read_text()
+    assert "register_nf4_ops<CpuNf4Backend>(m)" in (ROOT / "csrc/torch/nf4.cpp").read_text()
+    assert "register_nf4_ops<CudaNf4Backend>(m)" in (ROOT / "csrc/torch/nf4_cuda.cpp").read_text()
+    _ext.load()
+    for op, (face, ref, tests, bench) in NF4_OPS.items():
+        assert f'm.impl("{op}"' in header
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedrl::{op}", "CPU")
+        assert f'register_fake("fusedrl::{op}")' in (ROOT / face).read_text()
+        assert callable(getattr(reference, ref))
+        assert (ROOT / tests).exists() and (ROOT / bench).exists()

@@ -82,8 +82,9 @@ def _backward(ctx, grad_y):
     grad_bias = None
     if ctx.has_bias and ctx.needs_input_grad[11]:
         grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
-    return (grad_x if mask[0] else None, None, None, None, None, None, None, None,
-            grad_a if mask[1] else None, grad_b if mask[2] else None, None, grad_bias)
+    no_grads = lambda count: [None] * count  # noqa: E731  the frozen weight's lists
+    return (grad_x if mask[0] else None, no_grads(shards), no_grads(shards), no_grads(nested), no_grads(nested),
+            None, None, None, grad_a if mask[1] else None, grad_b if mask[2] else None, None, grad_bias)
 
 
 torch.library.register_autograd("fusedrl::nf4_lora_linear", _backward, setup_context=_setup_context)
@@ -115,7 +116,8 @@ def _op_args(shards: list[tuple[torch.Tensor, NF4QuantState]]):
     absmax = [s.absmax_q if nested else s.absmax for s in states]
     nested_absmax = [s.nested_absmax for s in states] if nested else []
     nested_code = [s.nested_code for s in states] if nested else []
-    offset = [float(s.offset) for s in states] if nested else []
+    # one entry per shard even when unused (plain): an empty float list would change the op's input structure
+    offset = [float(s.offset) if nested else 0.0 for s in states]
     rows = [s.shape[0] for s in states]
     return packed, absmax, nested_absmax, nested_code, offset, rows, states[0].shape[1], states[0].blocksize
 
