@@ -250,6 +250,15 @@ def test_lora_linear_compiles_with_fullgraph(device, generator):
     assert torch.allclose(ga, ga_eager, rtol=1e-5, atol=1e-4)
 
 
+def test_lora_linear_under_autocast_runs_in_the_autocast_dtype(generator):
+    packed, state, x, a, b, bias = _lora_case(3, 48, 64, 4, torch.float32, "cpu", generator)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = nf4_lora_linear(x, packed, state, a, b, 1.0, bias)
+    assert y.dtype == torch.bfloat16
+    expected = nf4_lora_linear(x.bfloat16(), packed, state, a, b, 1.0, bias.bfloat16())
+    assert torch.equal(y, expected)
+
+
 def test_lora_linear_matches_bitsandbytes_matmul_4bit_plus_lora(generator):
     bnb = pytest.importorskip("bitsandbytes")
     F = pytest.importorskip("bitsandbytes.functional")
