@@ -2,6 +2,7 @@
 #include "nf4.h"
 
 #include <ATen/Parallel.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include <string>
@@ -184,6 +185,8 @@ at::Tensor nf4_dequantize_impl(Nf4Backend& backend, const Nf4Shards& w, at::Scal
 at::Tensor nf4_lora_linear_impl(Nf4Backend& backend, const at::Tensor& x, const Nf4Shards& w, const at::Tensor& lora_A,
                                 const at::Tensor& lora_B, double scaling, const std::optional<at::Tensor>& bias) {
   const char* op = "nf4_lora_linear";
+  // The GEMMs below run in the dtypes chosen here, not re-cast by an enclosing autocast region.
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   check_x(op, x);
   check_lora(op, x, w, lora_A, lora_B);
   if (bias) {
@@ -249,6 +252,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nf4_lora_linear_backward_impl(
     Nf4Backend& backend, const at::Tensor& grad_y, const at::Tensor& x, const Nf4Shards& w, const at::Tensor& lora_A,
     const at::Tensor& lora_B, double scaling, std::array<bool, 3> output_mask) {
   const char* op = "nf4_lora_linear_backward";
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   check_x(op, x);
   check_lora(op, x, w, lora_A, lora_B);
   const int64_t k = w.cols, n = w.rows, r = lora_A.size(0);

@@ -199,12 +199,14 @@ def test_lora_linear_forward_and_backward_match_float64(device, dtype, shape, bi
 
 
 @pytest.mark.parametrize("nested", [False, True])
-@pytest.mark.parametrize("shape", [(3, 48, 32, 4), (3, 32, 48, 2)])
+@pytest.mark.parametrize("shape", [(2, 40, 32, 2), (2, 32, 40, 2)])  # K < N and K >= N
 def test_lora_linear_gradcheck_float64(nested, shape, generator):
     m, n, k, r = shape
     packed, state, x, a, b, bias = _lora_case(m, n, k, r, torch.float64, "cpu", generator, nested=nested)
     inputs = [t.requires_grad_() for t in (x, a, b, bias)]
-    assert torch.autograd.gradcheck(lambda *t: nf4_lora_linear(t[0], packed, state, t[1], t[2], 0.5, t[3]), inputs)
+    fn = lambda *t: nf4_lora_linear(t[0], packed, state, t[1], t[2], 0.5, t[3])  # noqa: E731
+    assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
+    assert torch.autograd.gradcheck(lambda x: fn(x, *inputs[1:]), inputs[:1])  # full Jacobian w.r.t. x: through the frozen NF4 weight
     # The backward honours grad_output (gradgradcheck is not defined: the backward op has no autograd).
     y = nf4_lora_linear(inputs[0], packed, state, inputs[1], inputs[2], 0.5, inputs[3])
     g1 = torch.autograd.grad(y, inputs, torch.ones_like(y), retain_graph=True)
@@ -246,6 +248,15 @@ def test_lora_linear_compiles_with_fullgraph(device, generator):
     (ga,) = torch.autograd.grad(y.sum(), [a])
     (ga_eager,) = torch.autograd.grad(eager.sum(), [a])
     assert torch.allclose(ga, ga_eager, rtol=1e-5, atol=1e-4)
+
+
+def test_lora_linear_under_autocast_runs_in_the_autocast_dtype(generator):
+    packed, state, x, a, b, bias = _lora_case(3, 48, 64, 4, torch.float32, "cpu", generator)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = nf4_lora_linear(x, packed, state, a, b, 1.0, bias)
+    assert y.dtype == torch.bfloat16
+    expected = nf4_lora_linear(x.bfloat16(), packed, state, a, b, 1.0, bias.bfloat16())
+    assert torch.equal(y, expected)
 
 
 def test_lora_linear_matches_bitsandbytes_matmul_4bit_plus_lora(generator):

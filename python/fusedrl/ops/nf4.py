@@ -167,5 +167,11 @@ def nf4_lora_linear(x: torch.Tensor, packed: PackedWeight, state: NF4QuantState 
     packed_l, absmax, nested_absmax, nested_code, offset, rows, cols, blocksize = _op_args(shards)
     if x.shape[-1] != cols:
         raise ValueError(f"nf4_lora_linear: x must have K = {cols} features (..., {cols}), got {tuple(x.shape)}")
+    device_type = x.device.type
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        # As nn.Linear under autocast: the main GEMM runs in the autocast dtype (the adapters keep theirs).
+        dtype = torch.get_autocast_dtype(device_type)
+        x = x.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
     return torch.ops.fusedrl.nf4_lora_linear(x, packed_l, absmax, nested_absmax, nested_code, offset, rows,
                                              blocksize, lora_A, lora_B, float(scaling), bias)
