@@ -252,7 +252,8 @@ def test_save_lora_and_load_lora_onto_a_4bit_base(save_tiny_model, tmp_path):
     assert torch.equal(_logits(loaded, tokenizer), _logits(model, tokenizer))
 
 
-def test_builtin_engine_generates_what_the_merged_dense_model_generates(save_tiny_model, tmp_path):
+@pytest.mark.parametrize("static_decode", [False, True], ids=["generate", "static-loop"])
+def test_builtin_engine_generates_what_the_merged_dense_model_generates(save_tiny_model, tmp_path, static_decode):
     model, tokenizer = load_model(save_tiny_model("llama"), dtype="float32", load_in_4bit=True,
                                   lora=LoraConfig(r=4), device="cpu")
     _randomize_lora_B(model)
@@ -260,8 +261,10 @@ def test_builtin_engine_generates_what_the_merged_dense_model_generates(save_tin
         save_merged(model, tmp_path / "merged", dtype=torch.float32))
     prompts = [tokenizer(text)["input_ids"] for text in PROMPTS]
     sampling = SamplingConfig(max_new_tokens=6, greedy=True)
-    ours = BuiltinEngine(model, tokenizer).generate(prompts, sampling)
-    dense = BuiltinEngine(merged, tokenizer).generate(prompts, sampling)
+    engine = BuiltinEngine(model, tokenizer, static_decode=static_decode)
+    assert not static_decode or engine.static_loop.unsupported_reason(32) is None
+    ours = engine.generate(prompts, sampling)
+    dense = BuiltinEngine(merged, tokenizer, static_decode=False).generate(prompts, sampling)
     assert model.training, "the engine restores training mode"
     assert torch.equal(ours.completion_ids, dense.completion_ids)
     torch.testing.assert_close(ours.sampling_logp, dense.sampling_logp, rtol=1e-4, atol=1e-4)

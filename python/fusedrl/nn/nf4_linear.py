@@ -115,11 +115,13 @@ class NF4Linear(torch.nn.Module):
             self.register_buffer(
                 "nested_code_bits", torch.zeros(256, dtype=torch.int32, device=device), persistent=False
             )
-            self.register_buffer("offset_bits", torch.zeros(1, dtype=torch.int32, device=device), persistent=False)
             self.absmax_bits = None
         else:
             self.register_buffer("absmax_bits", torch.zeros(blocks, dtype=torch.int32, device=device), persistent=False)
-            self.absmax_q = self.nested_absmax_bits = self.nested_code_bits = self.offset_bits = None
+            self.absmax_q = self.nested_absmax_bits = self.nested_code_bits = None
+        # The double-quantization offset is one float: a Python attribute, so building the quant state never reads
+        # a device tensor back (no sync inside a captured CUDA graph).
+        self.quant_offset: float | None = 0.0 if compress_statistics else None
 
     # -----------------------------------------------------------------------------------------------------------
     # construction and the quantization state
@@ -213,7 +215,7 @@ class NF4Linear(torch.nn.Module):
                 absmax_q=self.absmax_q,
                 nested_absmax=_as_float(self.nested_absmax_bits),
                 nested_code=_as_float(self.nested_code_bits),
-                offset=float(_as_float(self.offset_bits).item()),
+                offset=self.quant_offset,
             )
         return NF4QuantState(**common, absmax=_as_float(self.absmax_bits))
 
@@ -242,7 +244,7 @@ class NF4Linear(torch.nn.Module):
             self.absmax_q = state.absmax_q.to(device)
             self.nested_absmax_bits = _as_bits(state.nested_absmax.to(device))
             self.nested_code_bits = _as_bits(state.nested_code.to(device))
-            self.offset_bits = _as_bits(torch.tensor([float(state.offset)], device=device))
+            self.quant_offset = float(state.offset)
         else:
             self.absmax_bits = _as_bits(state.absmax.to(device))
 

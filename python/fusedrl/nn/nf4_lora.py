@@ -32,6 +32,8 @@ from fusedrl.ops.nf4 import nf4_lora_linear
 class NF4LoraLinear(torch.nn.Module, LoraLayer):
     """A peft LoRA layer whose base layer is an `NF4Linear` (plain LoRA; DoRA and other variants are refused)."""
 
+    fuses_lora = True  # its own forward runs base + adapter in one op: callers should not split it
+
     def __init__(
         self,
         base_layer: torch.nn.Module,
