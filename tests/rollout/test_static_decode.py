@@ -252,3 +252,35 @@ def test_greedy_with_repetition_penalty_matches_generate():
     assert torch.equal(ours.completion_ids, theirs.completion_ids), "seeds 16/17"
     plain = fast.generate(prompts, SamplingConfig(max_new_tokens=16, greedy=True))
     assert not torch.equal(plain.completion_ids, ours.completion_ids)  # the penalty changed something
+
+
+class _SyncsOnTheHost(torch.nn.Module):
+    """Wraps a module and reads one value back to the host in every forward: legal eagerly, not under capture."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        if x.is_cuda:
+            float(x.reshape(-1)[0].item())
+        return self.inner(x)
+
+
+@pytest.mark.cuda
+def test_cuda_capture_failure_falls_back_to_eager_decode(caplog):
+    model = _model("llama", seed=15, device="cuda", vocab_size=509, hidden_size=128, intermediate_size=256,
+                   num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2)
+    mlp = model.model.layers[0].mlp
+    mlp.down_proj = _SyncsOnTheHost(mlp.down_proj)
+    tokenizer = SimpleNamespace(eos_token_id=508, pad_token_id=0)
+    fast = BuiltinEngine(model, tokenizer)
+    slow = BuiltinEngine(model, tokenizer, static_decode=False)
+    prompts = _prompts([9, 3, 14], seed=16, vocab=508)
+    sampling = SamplingConfig(max_new_tokens=20, greedy=True)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    with caplog.at_level("WARNING"):
+        ours = fast.generate(prompts, sampling)
+    assert any("capturing the decode step failed" in record.message for record in caplog.records), caplog.text
+    assert not fast.static_loop._graphs and fast.static_loop.use_cuda_graphs is False
+    assert torch.equal(ours.completion_ids, slow.generate(prompts, sampling).completion_ids)

@@ -15,6 +15,7 @@ parameter replaced by a new tensor (checked each call) triggers a re-capture.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -30,6 +31,8 @@ LENGTH_BUCKET = 128
 CACHE_ROUNDING = 256
 FINISH_CHECK_EVERY = 8
 PREFILL_TOKENS_PER_CHUNK = 8192
+
+logger = logging.getLogger(__name__)
 
 
 def batch_bucket(count: int, max_batch: int) -> int:
@@ -219,8 +222,14 @@ class StaticDecodeLoop:
         if use_graphs and kv_lens:
             self._check_parameters_in_place()
             start = time.perf_counter()
-            self._capture(state, batch, kv_lens, sampling)
-            torch.cuda.synchronize(device)
+            try:
+                self._capture(state, batch, kv_lens, sampling)
+                torch.cuda.synchronize(device)
+            except RuntimeError as err:  # a module that syncs or allocates host memory mid-step cannot be captured
+                logger.warning("static decode: capturing the decode step failed (%s); decoding without CUDA graphs "
+                               "from now on", str(err).splitlines()[0])
+                self._graphs.clear()
+                self.use_cuda_graphs = use_graphs = False
             self.stats["capture_s"] += time.perf_counter() - start
 
         # Left-padded prompts, as transformers' generate lays them out (rotary positions skip the padding).
