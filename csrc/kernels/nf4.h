@@ -29,7 +29,7 @@
 // The offset (the float32 mean of the absmax) is computed by the caller with the framework's mean, as
 // bitsandbytes does, so it too is the same number.
 //
-// Small-M matmul (M <= 16, decode and small batches): y (M, N) = x (M, K) @ W^T (+ lora (M, r) @ B (N, r)^T * 1
+// Small-M matmul (M <= 16, decode and small batches): y (M, N) = x (M, K) @ W^T (+ lora (M, r) @ B (N, r)^T
 // + bias), float accumulation, reading each 4-bit weight once and never writing the 16-bit W.
 // Torch-free: raw pointers, sizes and (for CUDA) a stream.
 #pragma once
