@@ -1,11 +1,14 @@
 // bindings.cpp: every fusedrl op, declared once. Read it as the table of contents of torch.ops.fusedrl.
 // Implementations are registered per dispatch key next to each op (fused_linear_logp.cpp: CPU,
 // fused_linear_logp_cuda.cpp: CUDA); Python attaches fakes and autograd in python/fusedrl/ops/.
+#include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <string>
 
 #include "offload_arena.h"
+#include "../kernels/nf4.h"
 
 #ifndef FUSEDRL_CUDA_ARCHS
 #define FUSEDRL_CUDA_ARCHS ""
@@ -21,6 +24,13 @@ std::string build_info() {
 #else
   return "cuda=none";
 #endif
+}
+
+// The 16 NF4 values (csrc/kernels/nf4.h, their one definition) as a float32 CPU tensor.
+at::Tensor nf4_code() {
+  at::Tensor code = at::empty({16}, at::kFloat);
+  std::copy(kNf4Code, kNf4Code + 16, code.data_ptr<float>());
+  return code;
 }
 
 }  // namespace
@@ -66,6 +76,35 @@ TORCH_LIBRARY(fusedrl, m) {
   m.def("prefetch_to_device(__torch__.torch.classes.fusedrl.OffloadArena arena, int handle) -> ()");
   m.def("fetch_to_device(__torch__.torch.classes.fusedrl.OffloadArena arena, int handle) -> Tensor");
   m.def("release_offloaded(__torch__.torch.classes.fusedrl.OffloadArena arena, int handle) -> ()");
+  // ---- NF4 (bitsandbytes' 4-bit NormalFloat storage; csrc/kernels/nf4.h, composition in csrc/torch/nf4.h).
+  // A weight is a list of independently quantized shards stacked along N; nested lists empty for plain absmax.
+  // The NF4 table, float32 (16,).
+  m.def("nf4_code() -> Tensor", &nf4_code);
+
+  // weight (any shape) -> (packed uint8 (ceil(numel / 2), 1), absmax float32 (ceil(numel / blocksize))): the bytes
+  // bitsandbytes' quantize_4bit(quant_type="nf4") writes on the same device.
+  m.def("nf4_quantize(Tensor weight, int blocksize) -> (Tensor packed, Tensor absmax)");
+
+  // Blockwise 8-bit quantization of float32 values with a sorted 256-entry map (the nested absmax statistics):
+  // -> (codes uint8 like values, absmax float32 per block).
+  m.def("blockwise8_quantize(Tensor values, Tensor code, int blocksize) -> (Tensor codes, Tensor absmax)");
+
+  // W (sum(rows), cols) in `dtype`, bit-identical to bitsandbytes' dequantize_4bit.
+  m.def(
+      "nf4_dequantize(Tensor[] packed, Tensor[] absmax, Tensor[] nested_absmax, Tensor[] nested_code, "
+      "float[] offset, int[] rows, int cols, int blocksize, ScalarType dtype) -> Tensor");
+
+  // y = x @ W^T + scaling * (x @ lora_A^T) @ lora_B^T (+ bias) with W in NF4, x (..., K) -> (..., N).
+  m.def(
+      "nf4_lora_linear(Tensor x, Tensor[] packed, Tensor[] absmax, Tensor[] nested_absmax, Tensor[] nested_code, "
+      "float[] offset, int[] rows, int blocksize, Tensor lora_A, Tensor lora_B, float scaling, Tensor? bias) -> Tensor");
+
+  // Backward of nf4_lora_linear (no weight gradient): (grad_x, grad_lora_A, grad_lora_B), each only if selected
+  // by output_mask, else an empty tensor.
+  m.def(
+      "nf4_lora_linear_backward(Tensor grad_y, Tensor x, Tensor[] packed, Tensor[] absmax, Tensor[] nested_absmax, "
+      "Tensor[] nested_code, float[] offset, int[] rows, int blocksize, Tensor lora_A, Tensor lora_B, float scaling, "
+      "bool[3] output_mask) -> (Tensor grad_x, Tensor grad_lora_A, Tensor grad_lora_B)");
 }
 
 }  // namespace fusedrl

@@ -22,6 +22,13 @@ OPS = {
 }
 KERNELS = {"fused_linear_logp": "logp_rows", "fused_linear_logp_backward": "logp_rows",
            "fused_linear_token_loss": "logp_rows"}
+# The NF4 family: one kernel file pair (csrc/kernels/nf4*), one registration list (csrc/torch/nf4.h), the op
+# (nf4_code is a constant, no device kernel) -> (Python face, reference, tests, benchmark)
+NF4_OPS = {op: ("python/fusedrl/ops/nf4.py", ref, "tests/ops/test_nf4.py", "bench/bench_nf4.py")
+           for op, ref in (("nf4_quantize", "nf4_quantize_reference"), ("blockwise8_quantize", "nf4_quantize_reference"),
+                           ("nf4_dequantize", "nf4_dequantize_reference"),
+                           ("nf4_lora_linear", "nf4_lora_linear_reference"),
+                           ("nf4_lora_linear_backward", "nf4_lora_linear_reference"))}
 
 
 # The activation-offload copies: side-effecting ops on an opaque arena object, used eagerly by fusedrl.nn.offload
@@ -39,7 +46,7 @@ def registered_ops() -> set[str]:
 
 
 def test_every_registered_op_is_listed_here():
-    assert registered_ops() == set(OPS) | set(OFFLOAD_OPS)
+    assert registered_ops() == set(OPS) | set(OFFLOAD_OPS) | set(NF4_OPS) | {"nf4_code"}
 
 
 def test_offload_ops_have_kernels_registrations_face_tests_and_benchmark():
@@ -72,3 +79,19 @@ def test_every_op_has_fake_face_reference_tests_and_benchmark():
         assert callable(getattr(reference, ref))
         assert (ROOT / tests).exists()
         assert (ROOT / bench).exists(), f"{op}: missing benchmark {bench}"
+
+
+def test_every_nf4_op_has_kernels_registrations_fake_reference_tests_and_benchmark():
+    from fusedrl.ops import reference
+
+    assert (ROOT / "csrc/kernels/nf4_cpu.cpp").exists() and (ROOT / "csrc/kernels/nf4.cu").exists()
+    header = (ROOT / "csrc/torch/nf4.h").read_text()
+    assert "register_nf4_ops<CpuNf4Backend>(m)" in (ROOT / "csrc/torch/nf4.cpp").read_text()
+    assert "register_nf4_ops<CudaNf4Backend>(m)" in (ROOT / "csrc/torch/nf4_cuda.cpp").read_text()
+    _ext.load()
+    for op, (face, ref, tests, bench) in NF4_OPS.items():
+        assert f'm.impl("{op}"' in header
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedrl::{op}", "CPU")
+        assert f'register_fake("fusedrl::{op}")' in (ROOT / face).read_text()
+        assert callable(getattr(reference, ref))
+        assert (ROOT / tests).exists() and (ROOT / bench).exists()

@@ -12,6 +12,8 @@ import math
 import torch
 
 from .grpo_loss import GRPOLossOutput
+from .nf4_reference import (nf4_dequantize_reference, nf4_lora_linear_reference,  # noqa: F401
+                            nf4_quantize_reference)
 
 
 def logits_reference(hidden, weight, bias=None, *, temperature=1.0, logit_softcap=None, logit_scale=1.0,
