@@ -81,6 +81,11 @@ def command_train(args: argparse.Namespace) -> int:
     model_spec = dict(run.model)
     name_or_path = resolve_model_path(model_spec.pop("name_or_path", "smollm2-offline"))
     lora = LoraConfig(**run.lora) if run.lora is not None else None
+    if config.use_vllm:  # vLLM is started by load_model and shares the model's weights
+        model_spec["fast_inference"] = True
+        model_spec["gpu_memory_utilization"] = config.vllm_gpu_memory_utilization
+        if config.vllm_max_model_length is not None:
+            model_spec["max_seq_length"] = config.vllm_max_model_length
     model, tokenizer = load_model(
         name_or_path,
         lora=lora,

@@ -22,7 +22,7 @@ import torch
 
 from fusedrl.rollout.base import RolloutOutput, SamplingConfig
 from fusedrl.rollout.vllm_lora import LoraHandoff
-from fusedrl.rollout.vllm_standby import Standby
+from fusedrl.rollout.vllm_standby import Standby, check_training_fits, warn_if_training_does_not_fit
 
 
 class VLLMEngine:
@@ -55,7 +55,9 @@ class VLLMEngine:
         self.gpu_memory_utilization = gpu_memory_utilization
         self.shared_bytes = shared_bytes  # base-weight bytes the training model does not duplicate
         self.lora = LoraHandoff(llm, training_model)
-        self.standby = Standby(llm, device, enable_sleep_mode)
+        self.sleep_mode_available = enable_sleep_mode and device.type == "cuda"
+        self.standby = Standby(llm, device, self.sleep_mode_available)
+        self._memory_plan_checked = False
         self.handoff_seconds: list[float] = []
         self.sync_weights()
 
@@ -66,14 +68,36 @@ class VLLMEngine:
         self.handoff_seconds.append(seconds)
         return seconds
 
+    def use_standby(self, enabled: bool) -> None:
+        """Turn standby (KV cache released between rollouts) on or off; CPU has none, so it stays a no-op there."""
+        if enabled and self.device.type == "cuda" and not self.sleep_mode_available:
+            raise ValueError(
+                "vllm_enable_sleep_mode=True but this vLLM engine was started without sleep mode (e.g. because "
+                "PYTORCH_CUDA_ALLOC_CONF has expandable_segments:True); set vllm_enable_sleep_mode=False"
+            )
+        self.standby.active = enabled and self.sleep_mode_available
+
     def sleep(self) -> None:
         """Release vLLM's KV cache while the trainer runs (CUDA sleep mode); a no-op on CPU."""
         self.standby.release()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
 
     def wake(self) -> None:
         """Re-create the KV cache released by `sleep` (no-op on CPU); the shared weights must not have moved."""
+        if self.standby.sleeping and not self._memory_plan_checked:
+            self._check_memory_plan()
         self.standby.restore()
         self.shared.check_unchanged()
+
+    def _check_memory_plan(self) -> None:
+        """Once, after the first training phase: does the measured training peak fit beside vLLM? (CUDA only)"""
+        self._memory_plan_checked = True
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        peak = max(0, torch.cuda.max_memory_allocated(self.device) - self.shared_bytes)
+        utilization = self.gpu_memory_utilization or 0.0
+        fit = check_training_fits(peak, self.shared_bytes, total, utilization)
+        warn_if_training_does_not_fit(fit, utilization)
 
     # ------------------------------------------------------------------------------------------------------------
     def _check_prompts(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> None:

@@ -5,12 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import MAX_SEQ_LENGTH, chat_prompt, trainer_logp
+from vllm_helpers import LOGP_TOLERANCE, MAX_SEQ_LENGTH, chat_prompt, trainer_logp
 
-# float32 on both sides, different kernels (vLLM's CPU attention vs transformers' sdpa): logits agree to about
-# 1e-5 relative (seen: 1.3e-5 absolute on log-probabilities); 1e-3 leaves a wide margin and still catches a
-# wrong temperature, token or position (errors of 1e-1 and more).
-LOGP_TOLERANCE = 1e-3
 
 
 def test_engine_is_a_rollout_engine_with_a_different_sampler(shared_model):

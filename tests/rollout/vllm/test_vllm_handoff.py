@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from conftest import chat_prompt, restore_adapter, trainer_logp
-from test_vllm_contract import LOGP_TOLERANCE
+from vllm_helpers import LOGP_TOLERANCE, chat_prompt, restore_adapter, trainer_logp
 
 
 def _trainer_greedy(model, tokenizer, prompt: list[int], max_new_tokens: int) -> list[int]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from conftest import chat_prompt
+from vllm_helpers import chat_prompt
 
 
 def test_every_base_parameter_lives_in_vllm_storage(shared_model):
