@@ -5,6 +5,8 @@
 
 #include <string>
 
+#include "offload_arena.h"
+
 #ifndef FUSEDRL_CUDA_ARCHS
 #define FUSEDRL_CUDA_ARCHS ""
 #endif
@@ -51,6 +53,17 @@ TORCH_LIBRARY(fusedrl, m) {
       "Tensor policy_weight, Tensor kl_weight, int loss_kind, float epsilon_low, float epsilon_high, float? delta, "
       "float sapo_temperature_pos, float sapo_temperature_neg, bool[3] output_mask, int? chunk_size) "
       "-> (Tensor logp, Tensor entropy, Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
+
+  // Activation offload (offload_arena.cpp): torch.classes.fusedrl.OffloadArena owns a pinned host arena, a D2H and
+  // an H2D stream and two device slots. offload_to_host queues src's D2H after the compute stream's work and returns
+  // a handle (-1: src stays on the device; always on CPU); prefetch_to_device queues the H2D of a handle into a free
+  // slot; fetch_to_device makes the compute stream wait for that slot only and returns the tensor (a view of the
+  // slot, valid until release_offloaded); release_offloaded frees the slot for the next prefetch.
+  register_offload_arena_class(m);
+  m.def("offload_to_host(__torch__.torch.classes.fusedrl.OffloadArena arena, Tensor src) -> int");
+  m.def("prefetch_to_device(__torch__.torch.classes.fusedrl.OffloadArena arena, int handle) -> ()");
+  m.def("fetch_to_device(__torch__.torch.classes.fusedrl.OffloadArena arena, int handle) -> Tensor");
+  m.def("release_offloaded(__torch__.torch.classes.fusedrl.OffloadArena arena, int handle) -> ()");
 }
 
 }  // namespace fusedrl

@@ -24,7 +24,8 @@ def test_defaults_follow_trl() -> None:
     assert cfg.vllm_importance_sampling_clip_max == 3.0
     assert cfg.sapo_temperature_pos == 1.0 and cfg.sapo_temperature_neg == 1.05
     assert cfg.top_k == 0 and cfg.top_p == 1.0 and cfg.min_p is None
-    assert cfg.gradient_checkpointing is True and cfg.dtype == "bfloat16"
+    # (fusedrl) None: chosen by the memory plan, which picks TRL's True (plain checkpointing) whenever it fits.
+    assert cfg.gradient_checkpointing is None and cfg.mlp_chunk_tokens is None and cfg.dtype == "bfloat16"
     assert cfg.seed == 42 and cfg.max_grad_norm == 1.0
     assert cfg.steps_per_generation == 1 and cfg.generation_batch_size == 8
 
@@ -136,3 +137,18 @@ reward_weights = [2.0, 0.5, 0.5]
 def test_luspo_with_token_level_warns() -> None:
     with pytest.warns(UserWarning, match="luspo"):
         GRPOConfig(loss_type="luspo")
+
+
+def test_gradient_checkpointing_accepts_offload_and_the_unsloth_alias() -> None:
+    assert GRPOConfig(gradient_checkpointing="offload").gradient_checkpointing == "offload"
+    assert GRPOConfig(gradient_checkpointing="unsloth").gradient_checkpointing == "offload"
+    assert GRPOConfig(gradient_checkpointing=False).gradient_checkpointing is False
+    assert GRPOConfig(mlp_chunk_tokens=0).mlp_chunk_tokens == 0
+
+
+@pytest.mark.errors
+def test_gradient_checkpointing_and_chunk_reject_bad_values() -> None:
+    with pytest.raises(ValueError, match="gradient_checkpointing must be True, False, 'offload'"):
+        GRPOConfig(gradient_checkpointing="cpu")
+    with pytest.raises(ValueError, match="mlp_chunk_tokens must be None"):
+        GRPOConfig(mlp_chunk_tokens=-1)

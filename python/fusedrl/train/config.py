@@ -39,6 +39,19 @@ def _one_of(name: str, value: Any, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}.")
 
 
+OFFLOAD_ALIASES = ("offload", "unsloth")
+
+
+def normalize_checkpointing(value: Any) -> bool | str | None:
+    """The config value as True, False, "offload" or None; ValueError for anything else."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in OFFLOAD_ALIASES:
+        return "offload"
+    raise ValueError(f"gradient_checkpointing must be True, False, 'offload' (alias 'unsloth') or None (automatic), "
+                     f"got {value!r}")
+
+
 @dataclass
 class GRPOConfig:
     """Configuration of a GRPO-family training run.
@@ -97,7 +110,12 @@ class GRPOConfig:
     Precision and memory:
         dtype: (fusedrl; replaces TrainingArguments' bf16/fp16 flags) "bfloat16" (default, like TRL's bf16=True),
             "float16" (the trainer then applies dynamic loss scaling) or "float32".
-        gradient_checkpointing: recompute activations in backward (TRL default True).
+        gradient_checkpointing: recompute activations in backward (TRL default True). (fusedrl) Also "offload"
+            (alias "unsloth"): each decoder layer's input goes to pinned host memory and comes back one layer ahead
+            in backward; None (default): chosen from the memory plan before the first step (plain checkpointing
+            when it fits, else offload), see fusedrl.train.checkpointing.
+        mlp_chunk_tokens: (fusedrl) tokens per chunk of the decoder MLP during recompute and backward; None = from
+            the memory plan, 0 = never chunk.
         disable_dropout: set every dropout probability in the model to 0.
 
     Data, logging and checkpoints:
@@ -166,7 +184,8 @@ class GRPOConfig:
 
     # Precision and memory
     dtype: str = "bfloat16"
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool | str | None = None
+    mlp_chunk_tokens: int | None = None
     disable_dropout: bool = False
 
     # Data, logging and checkpoints
@@ -191,6 +210,10 @@ class GRPOConfig:
         _one_of("lr_scheduler_type", self.lr_scheduler_type, LR_SCHEDULERS)
         _one_of("dtype", self.dtype, DTYPES)
 
+        self.gradient_checkpointing = normalize_checkpointing(self.gradient_checkpointing)
+        chunk = self.mlp_chunk_tokens
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0):
+            raise ValueError(f"mlp_chunk_tokens must be None (automatic), 0 (off) or a positive int, got {chunk!r}.")
         self._check_positive_ints()
         self._check_ranges()
         self._check_vllm()

@@ -19,6 +19,7 @@ from fusedrl.model.hidden import lm_head_of
 from fusedrl.ops import grpo_loss
 from fusedrl.ops.options import PER_MICRO_BATCH_LOSSES, PER_STEP_TOKEN_LOSSES
 from fusedrl.train.batching import TrainingBatch
+from fusedrl.train.checkpointing import reset_after_micro_batch
 from fusedrl.train.config import GRPOConfig
 from fusedrl.train.optim import Precision
 from fusedrl.train.policy_forward import completion_hidden
@@ -75,8 +76,11 @@ def accumulate_gradients(model: torch.nn.Module, micro_batches: Sequence[Trainin
     num_items_in_batch = sum(batch.num_active_tokens for batch in micro_batches)
     per_micro_batch = []
     for batch in micro_batches:
-        loss, metrics = micro_batch_loss(model, batch, args, precision, num_items_in_batch)
-        precision.backward(loss)
+        try:
+            loss, metrics = micro_batch_loss(model, batch, args, precision, num_items_in_batch)
+            precision.backward(loss)
+        finally:  # offloaded layer inputs of this micro-batch, even after an exception mid-backward
+            reset_after_micro_batch(model)
         per_micro_batch.append(metrics)
     averaged = mean_of_dicts(per_micro_batch)
     averaged["loss"] = sum(metrics["loss"] for metrics in per_micro_batch)

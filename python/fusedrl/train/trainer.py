@@ -37,6 +37,7 @@ from fusedrl.rollout.selection import select_engine
 from fusedrl.train import loss_step
 from fusedrl.train.batching import TrainingBatch
 from fusedrl.train.buffer import GenerationBuffer
+from fusedrl.train.checkpointing import prepare_checkpointing
 from fusedrl.train.config import GRPOConfig
 from fusedrl.train.generation_round import GenerationRound
 from fusedrl.train.optim import Precision, create_optimizer, create_precision, create_scheduler
@@ -121,22 +122,15 @@ class GRPOTrainer:
     # set-up
     # ------------------------------------------------------------------------------------------------------------
     def _prepare_model(self) -> None:
-        """Dropout off if asked; gradient checkpointing on if asked and the model supports it."""
+        """Dropout off if asked; checkpointing (plain / offloaded, MLP chunks) as the config and the memory plan say
+        (fusedrl.train.checkpointing: printed on CUDA, MemoryError here when the step cannot fit)."""
         if self.args.disable_dropout:
             for module in self.model.modules():
                 if isinstance(module, torch.nn.Dropout):
                     module.p = 0.0
-        if self.args.gradient_checkpointing and not self._is_checkpointing():
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-    def _is_checkpointing(self) -> bool:
-        """Whether the model already recomputes activations (models that cannot do it count as "yes")."""
-        if not callable(getattr(self.model, "gradient_checkpointing_enable", None)):
-            return True
-        for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # newer, older transformers
-            if hasattr(type(_unwrapped(self.model)), name):
-                return bool(getattr(_unwrapped(self.model), name))
-        return True
+        self.memory_plan = None
+        if callable(getattr(self.model, "gradient_checkpointing_enable", None)):
+            self.memory_plan = prepare_checkpointing(self.model, self.args)
 
     def _reference_model(self) -> torch.nn.Module | None:
         """The frozen reference for the KL term: None for a peft model (its adapters are disabled instead)."""
