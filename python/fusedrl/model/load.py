@@ -117,6 +117,8 @@ def load_model(
     gradient_checkpointing: bool = True,
     device: torch.device | str | None = None,
     trust_remote_code: bool = False,
+    fast_inference: bool = False,
+    gpu_memory_utilization: float | None = None,
 ) -> tuple[torch.nn.Module, transformers.PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer for GRPO training.
 
@@ -131,6 +133,11 @@ def load_model(
     without bitsandbytes; embeddings, lm-head and norms stay in `dtype` (no float32 upcast). A checkpoint saved by
     bitsandbytes in 4-bit NF4 (`quantization_config` with `load_in_4bit`, `bnb_4bit_quant_type="nf4"`) is read as
     it is, without bitsandbytes, and needs `load_in_4bit=True`. LoRA over NF4 layers runs the fused NF4 LoRA op.
+
+    `fast_inference=True` (Unsloth's name; needs vLLM, LoRA, no 4-bit) first starts an in-process vLLM engine with
+    `max_seq_length` as its max_model_len, then builds the training model from views of vLLM's weights (one copy)
+    and attaches the engine as `model.vllm_engine` for `GRPOConfig(use_vllm=True)`. `gpu_memory_utilization` is
+    vLLM's share of the GPU (None: chosen from the model size, the LoRA state and the card; unused on CPU).
     """
     if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path):
         raise ValueError(f"name_or_path must be a Hub model id or a local folder, got {name_or_path!r}")
@@ -144,6 +151,10 @@ def load_model(
     if not isinstance(gradient_checkpointing, bool):
         raise TypeError(f"gradient_checkpointing must be a bool, got {gradient_checkpointing!r}")
     target_device = resolve_device(device)
+    if not isinstance(fast_inference, bool):
+        raise TypeError(f"fast_inference must be a bool, got {fast_inference!r}")
+    if fast_inference and load_in_4bit:
+        raise ValueError("fast_inference=True with load_in_4bit=True is not supported yet: load 16-bit weights")
     if load_in_4bit:
         if lora is None:
             raise ValueError("load_in_4bit=True needs lora=LoraConfig(...): 4-bit base weights cannot be trained")
@@ -156,6 +167,15 @@ def load_model(
             f"name_or_path: {str(name_or_path)!r} is neither a local model folder nor a Hub model available here "
             f"({' '.join(str(error).split())[:160]})") from error
     tokenizer = _prepare_tokenizer(tokenizer, max_seq_length)
+    if fast_inference:
+        from fusedrl.model.fast_inference import load_fast_inference_model
+
+        model = load_fast_inference_model(
+            name_or_path, tokenizer, dtype=torch_dtype, max_seq_length=max_seq_length, lora=lora,
+            gradient_checkpointing=gradient_checkpointing, device=target_device,
+            trust_remote_code=trust_remote_code, gpu_memory_utilization=gpu_memory_utilization,
+        )
+        return model, tokenizer
 
     config = transformers.AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     prequantized = bnb_4bit_settings(config) is not None

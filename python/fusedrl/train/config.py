@@ -30,6 +30,7 @@ SCALE_REWARDS = ("group", "batch", "none")
 OPTIMIZERS = ("adamw_torch", "adamw_8bit")
 LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 DTYPES = ("bfloat16", "float16", "float32")
+VLLM_MODES = ("colocate", "server")
 
 
 def _one_of(name: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -82,6 +83,12 @@ class GRPOConfig:
             keeps whole prompts; an int truncates longer prompts from the left, logged once with the count.
         max_completion_length: maximum number of generated tokens per completion.
         temperature, top_p, top_k (0 = off), min_p (None = off), repetition_penalty: sampling parameters.
+        use_vllm: sample rollouts with the vLLM engine of a model loaded by
+            `fusedrl.load_model(..., fast_inference=True)` (it shares the model's weights; LoRA reaches it after
+            every optimizer step). vllm_mode: "colocate" (vLLM in the training process); TRL's "server" is not
+            supported. vllm_gpu_memory_utilization, vllm_max_model_length: must match what the model was loaded
+            with (load_model's gpu_memory_utilization, max_seq_length) when set; None accepts the model's.
+            vllm_enable_sleep_mode: release vLLM's KV cache while training (CUDA; a no-op on CPU).
 
     Loss (see fusedrl.ops.grpo_loss, same names):
         beta: KL coefficient (k3 estimator to the reference model); 0 means no reference model is used.
@@ -154,6 +161,11 @@ class GRPOConfig:
     top_k: int = 0
     min_p: float | None = None
     repetition_penalty: float = 1.0
+    use_vllm: bool = False
+    vllm_mode: str = "colocate"
+    vllm_gpu_memory_utilization: float | None = None
+    vllm_enable_sleep_mode: bool = False
+    vllm_max_model_length: int | None = None
 
     # Loss
     beta: float = 0.0
@@ -218,6 +230,7 @@ class GRPOConfig:
             raise ValueError(f"mlp_chunk_tokens must be None (automatic), 0 (off) or a positive int, got {chunk!r}.")
         self._check_positive_ints()
         self._check_ranges()
+        self._check_vllm()
         self._resolve_generation_batch()
 
         if self.epsilon_high is None:
@@ -279,6 +292,20 @@ class GRPOConfig:
         if isinstance(self.warmup_steps, bool) or not self.warmup_steps >= 0:
             raise ValueError(f"warmup_steps must be >= 0 (a step count, or a fraction of the total below 1), got "
                              f"{self.warmup_steps!r}.")
+
+    def _check_vllm(self) -> None:
+        _one_of("vllm_mode", self.vllm_mode, VLLM_MODES)
+        if self.use_vllm and self.vllm_mode == "server":
+            raise ValueError(
+                "vllm_mode='server' is not supported: fusedrl runs vLLM inside the training process so that it "
+                "shares the model's weights; use vllm_mode='colocate' with load_model(..., fast_inference=True)."
+            )
+        utilization = self.vllm_gpu_memory_utilization
+        if utilization is not None and not 0 < utilization <= 1:
+            raise ValueError(f"vllm_gpu_memory_utilization must be None or in (0, 1], got {utilization}.")
+        length = self.vllm_max_model_length
+        if length is not None and (not isinstance(length, int) or isinstance(length, bool) or length < 1):
+            raise ValueError(f"vllm_max_model_length must be None or an integer >= 1, got {length!r}.")
 
     def _check_ranges(self) -> None:
         if not self.learning_rate >= 0:

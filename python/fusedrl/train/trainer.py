@@ -35,7 +35,8 @@ import transformers
 from fusedrl.model.hidden import check_lm_head_reproduces_logits
 from fusedrl.model.moe import router_aux_of
 from fusedrl.model.reference_adapter import reference_context
-from fusedrl.rollout import BuiltinEngine, RolloutEngine
+from fusedrl.rollout import RolloutEngine, WeightSyncingEngine
+from fusedrl.rollout.selection import select_engine
 from fusedrl.train import loss_step
 from fusedrl.train.batching import TrainingBatch
 from fusedrl.train.buffer import GenerationBuffer
@@ -106,7 +107,7 @@ class GRPOTrainer:
         self.scorer = RewardScorer(reward_funcs, args.reward_weights, reward_processing_classes, device=self.device)
         self.train_dataset = _check_dataset(train_dataset, processing_class)
         check_dataset_columns(list(self.train_dataset[0]))
-        self.engine: RolloutEngine = rollout_engine if rollout_engine is not None else BuiltinEngine(model, processing_class)
+        self.engine: RolloutEngine = select_engine(args, model, processing_class, rollout_engine)
         # TRL corrects the sampler mismatch only when vLLM samples; likewise only engines whose sampler differs.
         self.corrects_sampler_mismatch = args.vllm_importance_sampling_correction and getattr(
             self.engine, "sampler_differs_from_trainer", True)
@@ -177,6 +178,8 @@ class GRPOTrainer:
             self._seed_everything()
         self.callbacks = self._assemble_callbacks()
         self.model.train()
+        if isinstance(self.engine, WeightSyncingEngine):  # e.g. adapter weights restored from a checkpoint
+            self.engine.sync_weights()
         self._notify("on_train_begin", self)
         while self.state.global_step < self.state.max_steps:
             metrics = self.training_step()
@@ -200,11 +203,15 @@ class GRPOTrainer:
         loss_metrics = self.accumulate_gradients(micro_batches)
         learning_rate = self.scheduler.get_last_lr()[0]
         grad_norm = loss_step.optimizer_step(self.optimizer, self.scheduler, self.precision, self.args.max_grad_norm)
+        handoff = {}
+        if isinstance(self.engine, WeightSyncingEngine):  # vLLM: the new LoRA weights into its slot
+            handoff["vllm/handoff_ms"] = self.engine.sync_weights() * 1e3
         training_seconds = time.perf_counter() - started - generation_seconds
         training_tokens = sum(batch.prompt_mask.sum().item() + batch.completion_mask.sum().item() for batch in micro_batches)
         return {
             **loss_metrics,
             **loss_step.mean_of_dicts(self._round_metrics),
+            **handoff,
             "learning_rate": float(learning_rate),
             "grad_norm": grad_norm,
             "step_seconds": time.perf_counter() - started,
