@@ -13,7 +13,7 @@
 #   4 tests      python -m pytest tests -m "cuda or errors" -q -rfEs --continue-on-collection-errors [-k PATTERN]
 #   5 bench      bench/bench_grpo_loss.py [--quick] [ARGS] -> bench_grpo_loss.json (e.g. --bench-args
 #                "--shapes llama3.1-8b --n-tokens 16384 --modes frozen_token,logprob")
-#   5b bench_nf4 bench/bench_nf4.py -> bench_nf4.json, bench_nf4.log (NF4 + LoRA vs bitsandbytes + peft vs bf16)
+#   5c bench_nf4 bench/bench_nf4.py -> bench_nf4.json, bench_nf4.log (NF4 + LoRA vs bitsandbytes + peft vs bf16)
 #   6 cpp_bench  every executable the build left in build/*/bench/cpp
 #   7 summary    a short table printed last (the device tool returns the end of the output)
 # Files written to $OUT (at most 8 come back): build.log doctor.log tests.log tests.xml bench.log
@@ -185,7 +185,18 @@ else
   record bench "$(status_of $rc)" $((SECONDS - t0))
 fi
 
-# ---- 5b NF4 bench ------------------------------------------------------------------------------------------
+# ---- 5b rollout bench (static decode loop vs transformers generate) -------------------------------------------
+if ((!NO_BENCH)) && [[ -f bench/bench_rollout.py ]]; then
+  t0=$SECONDS
+  limit="$(step_limit 240)"
+  ROLLOUT_ARGS=(--json "$OUT_DIR/bench_rollout.json" --time-budget $((limit > 90 ? limit - 60 : limit / 2)))
+  ((CPU)) && ROLLOUT_ARGS+=(--cpu-smoke)
+  run_logged "$limit" "$OUT_DIR/bench_rollout.log" $PY bench/bench_rollout.py "${ROLLOUT_ARGS[@]}"
+  rc=$?
+  record rollout "$(status_of $rc)" $((SECONDS - t0))
+fi
+
+# ---- 5c NF4 bench ------------------------------------------------------------------------------------------
 if ((!NO_BENCH)) && [[ -f bench/bench_nf4.py ]]; then
   t0=$SECONDS
   limit="$(step_limit 240)"
