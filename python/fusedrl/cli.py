@@ -84,7 +84,7 @@ def command_train(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(
         name_or_path,
         lora=lora,
-        gradient_checkpointing=config.gradient_checkpointing,
+        gradient_checkpointing=config.gradient_checkpointing is not False,  # the trainer picks plain / offload
         **model_spec,
     )
     dataset = build_dataset(run.dataset)

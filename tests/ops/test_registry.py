@@ -32,13 +32,31 @@ NF4_OPS = {op: ("python/fusedrl/ops/nf4.py", ref, "tests/ops/test_nf4.py", "benc
                            ("nf4_lora_linear_backward", "nf4_lora_linear_reference"))}
 
 
+# The activation-offload copies: side-effecting ops on an opaque arena object, used eagerly by fusedrl.nn.offload
+# (no fakes, no float64 reference: they move bytes, tested bit for bit). op -> registration keys
+OFFLOAD_OPS = {"offload_to_host": ("CPU",), "prefetch_to_device": ("CompositeImplicitAutograd",),
+               "fetch_to_device": ("CompositeImplicitAutograd",), "release_offloaded": ("CompositeImplicitAutograd",)}
+
+
 def declared_ops() -> set[str]:
     text = (ROOT / "csrc/torch/bindings.cpp").read_text()
     return set(re.findall(r'm\.def\(\s*"(\w+)\(', text)) - {"build_info"}
 
 
 def test_every_declared_op_is_listed_here():
-    assert declared_ops() == set(OPS) | set(NF4_OPS) | {"nf4_code"}
+    assert declared_ops() == set(OPS) | set(OFFLOAD_OPS) | set(NF4_OPS) | {"nf4_code"}
+
+
+def test_offload_ops_have_kernels_registrations_face_tests_and_benchmark():
+    assert (ROOT / "csrc/kernels/offload_arena_cpu.cpp").exists() and (ROOT / "csrc/kernels/offload_arena.cu").exists()
+    cuda = (ROOT / "csrc/torch/offload_arena.cpp").read_text()
+    assert 'TORCH_LIBRARY_IMPL(fusedrl, CUDA, m) { m.impl("offload_to_host"' in cuda
+    _ext.load()
+    for op, keys in OFFLOAD_OPS.items():
+        for key in keys:
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedrl::{op}", key), (op, key)
+        assert f"torch.ops.fusedrl.{op}(" in (ROOT / "python/fusedrl/ops/offload.py").read_text()
+    assert (ROOT / "tests/nn/test_offload.py").exists() and (ROOT / "bench/bench_step.py").exists()
 
 
 def test_every_op_has_cpu_and_cuda_kernels_and_registrations():

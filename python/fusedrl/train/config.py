@@ -38,6 +38,19 @@ def _one_of(name: str, value: Any, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}.")
 
 
+OFFLOAD_ALIASES = ("offload", "unsloth")
+
+
+def normalize_checkpointing(value: Any) -> bool | str | None:
+    """The config value as True, False, "offload" or None; ValueError for anything else."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in OFFLOAD_ALIASES:
+        return "offload"
+    raise ValueError(f"gradient_checkpointing must be True, False, 'offload' (alias 'unsloth') or None (automatic), "
+                     f"got {value!r}")
+
+
 @dataclass
 class GRPOConfig:
     """Configuration of a GRPO-family training run.
@@ -52,8 +65,10 @@ class GRPOConfig:
             (bitsandbytes AdamW8bit, GPU only). TRL's default "adamw_torch_fused" is not accepted: use "adamw_torch".
         lr_scheduler_type: "linear", "cosine", "constant" or "constant_with_warmup", passed to
             ``transformers.get_scheduler``.
-        warmup_ratio: fraction of the total steps used for linear warmup (used when warmup_steps is 0).
-        warmup_steps: number of warmup steps; if > 0 it takes precedence over warmup_ratio (see get_warmup_steps).
+        warmup_steps: linear warmup length, as in transformers 5: an int (or float >= 1) is a number of steps, a
+            float in (0, 1) a fraction of the total steps (rounded up).
+        warmup_ratio: transformers 4's name for a warmup fraction, deprecated in transformers 5: accepted with a
+            FutureWarning and moved to warmup_steps (setting both is an error).
         weight_decay, adam_beta1, adam_beta2, adam_epsilon: AdamW hyper-parameters.
         max_grad_norm: gradient clipping norm; 0 disables clipping.
         seed: random seed set at the start of training (sampling, shuffling, LoRA init).
@@ -64,13 +79,16 @@ class GRPOConfig:
             per_device_train_batch_size * steps_per_generation. Mutually exclusive with steps_per_generation.
         steps_per_generation: micro-batches trained on per rollout; defaults to gradient_accumulation_steps.
         num_iterations: optimisation passes over each generated batch (mu in the GRPO paper).
-        max_prompt_length: (TRL <= 0.24 field, removed later) prompts longer than this many tokens are truncated
-            from the left; None keeps whole prompts.
+        max_prompt_length: (TRL <= 0.24 field, removed later) None (the default, as TRL 1.16 never truncates)
+            keeps whole prompts; an int truncates longer prompts from the left, logged once with the count.
         max_completion_length: maximum number of generated tokens per completion.
         temperature, top_p, top_k (0 = off), min_p (None = off), repetition_penalty: sampling parameters.
 
     Loss (see fusedrl.ops.grpo_loss, same names):
         beta: KL coefficient (k3 estimator to the reference model); 0 means no reference model is used.
+        use_bias_correction_kl: weight each token's k3 KL by its importance ratio (TRL 1.16's default True).
+        router_aux_loss_coef: weight of a Mixture-of-Experts model's router load-balancing loss; None takes the
+            model config's own (0.0 where it declares none), as TRL.
         epsilon, epsilon_high (defaults to epsilon), delta (two-sided clipping bound, None = off): clipping.
         loss_type: one of "grpo", "bnpo", "dr_grpo", "dapo" (default), "cispo", "sapo", "luspo". TRL's "vespo" is
             not supported yet.
@@ -90,7 +108,12 @@ class GRPOConfig:
     Precision and memory:
         dtype: (fusedrl; replaces TrainingArguments' bf16/fp16 flags) "bfloat16" (default, like TRL's bf16=True),
             "float16" (the trainer then applies dynamic loss scaling) or "float32".
-        gradient_checkpointing: recompute activations in backward (TRL default True).
+        gradient_checkpointing: recompute activations in backward (TRL default True). (fusedrl) Also "offload"
+            (alias "unsloth"): each decoder layer's input goes to pinned host memory and comes back one layer ahead
+            in backward; None (default): chosen from the memory plan before the first step (plain checkpointing
+            when it fits, else offload), see fusedrl.train.checkpointing.
+        mlp_chunk_tokens: (fusedrl) tokens per chunk of the decoder MLP during recompute and backward; None = from
+            the memory plan, 0 = never chunk.
         disable_dropout: set every dropout probability in the model to 0.
 
     Data, logging and checkpoints:
@@ -112,7 +135,7 @@ class GRPOConfig:
     optim: str = "adamw_torch"
     lr_scheduler_type: str = "linear"
     warmup_ratio: float = 0.0
-    warmup_steps: int = 0
+    warmup_steps: float = 0
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -125,7 +148,7 @@ class GRPOConfig:
     generation_batch_size: int | None = None
     steps_per_generation: int | None = None
     num_iterations: int = 1
-    max_prompt_length: int | None = 512
+    max_prompt_length: int | None = None
     max_completion_length: int = 512
     temperature: float = 1.0
     top_p: float = 1.0
@@ -135,6 +158,8 @@ class GRPOConfig:
 
     # Loss
     beta: float = 0.0
+    use_bias_correction_kl: bool = True
+    router_aux_loss_coef: float | None = None
     epsilon: float = 0.2
     epsilon_high: float | None = None
     delta: float | None = None
@@ -154,7 +179,8 @@ class GRPOConfig:
 
     # Precision and memory
     dtype: str = "bfloat16"
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool | str | None = None
+    mlp_chunk_tokens: int | None = None
     disable_dropout: bool = False
 
     # Data, logging and checkpoints
@@ -165,6 +191,16 @@ class GRPOConfig:
     save_steps: int = 500
     save_total_limit: int | None = None
     output_dir: str = "trainer_output"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> GRPOConfig:
+        # Before the dataclass __init__ sees them: a TRL field fusedrl does not implement is named with advice
+        # (trl_fields.py) rather than a bare "unexpected keyword argument".
+        from fusedrl.train.trl_fields import not_supported_error
+
+        error = not_supported_error([name for name in kwargs if name not in cls.__dataclass_fields__])
+        if error is not None:
+            raise error
+        return super().__new__(cls)
 
     def __post_init__(self) -> None:
         # Same bool mapping as TRL.
@@ -179,6 +215,10 @@ class GRPOConfig:
         _one_of("lr_scheduler_type", self.lr_scheduler_type, LR_SCHEDULERS)
         _one_of("dtype", self.dtype, DTYPES)
 
+        self.gradient_checkpointing = normalize_checkpointing(self.gradient_checkpointing)
+        chunk = self.mlp_chunk_tokens
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0):
+            raise ValueError(f"mlp_chunk_tokens must be None (automatic), 0 (off) or a positive int, got {chunk!r}.")
         self._check_positive_ints()
         self._check_ranges()
         self._resolve_generation_batch()
@@ -236,8 +276,9 @@ class GRPOConfig:
             raise ValueError(f"num_train_epochs must be > 0 when max_steps is -1, got {self.num_train_epochs}.")
         if self.save_steps < 0:
             raise ValueError(f"save_steps must be >= 0 (0 disables checkpoints), got {self.save_steps}.")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}.")
+        if isinstance(self.warmup_steps, bool) or not self.warmup_steps >= 0:
+            raise ValueError(f"warmup_steps must be >= 0 (a step count, or a fraction of the total below 1), got "
+                             f"{self.warmup_steps!r}.")
 
     def _check_ranges(self) -> None:
         if not self.learning_rate >= 0:
@@ -265,6 +306,14 @@ class GRPOConfig:
             raise ValueError(f"delta must be None or > 1 (recommended > 1 + epsilon), got {self.delta}.")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
+        if self.warmup_ratio:
+            if self.warmup_steps:
+                raise ValueError(f"warmup_ratio ({self.warmup_ratio}) and warmup_steps ({self.warmup_steps}) are both "
+                                 "set: use warmup_steps alone (a fraction below 1 is a ratio, as in transformers 5).")
+            warnings.warn("warmup_ratio is deprecated (transformers 5): use warmup_steps, where a value below 1 is a "
+                          f"fraction of the total steps; warmup_steps={self.warmup_ratio} is used.", FutureWarning,
+                          stacklevel=4)
+            self.warmup_steps, self.warmup_ratio = self.warmup_ratio, 0.0
         if not self.max_grad_norm >= 0:
             raise ValueError(f"max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm}.")
         if self.weight_decay < 0:
@@ -325,10 +374,11 @@ class GRPOConfig:
         return getattr(torch, self.dtype)
 
     def get_warmup_steps(self, num_training_steps: int) -> int:
-        """Warmup steps for a run of num_training_steps: warmup_steps if > 0, else ceil(warmup_ratio * total)."""
-        if self.warmup_steps > 0:
+        """Warmup steps for a run of num_training_steps, as transformers 5: int(warmup_steps) when >= 1, else
+        ceil(warmup_steps * total)."""
+        if self.warmup_steps >= 1:
             return int(self.warmup_steps)
-        return math.ceil(num_training_steps * self.warmup_ratio)
+        return math.ceil(num_training_steps * self.warmup_steps)
 
     def to_dict(self) -> dict[str, Any]:
         """All fields as plain Python values (derived fields included); from_dict(to_dict()) gives an equal config."""
@@ -339,6 +389,11 @@ class GRPOConfig:
     def from_dict(cls, values: dict[str, Any]) -> GRPOConfig:
         """Build a config from a dict (e.g. a TOML table); unknown keys raise ValueError naming close matches."""
         known = {f.name for f in dataclasses.fields(cls)}
+        from fusedrl.train.trl_fields import not_supported_error
+
+        error = not_supported_error([key for key in values if key not in known])
+        if error is not None:
+            raise error
         unknown = [key for key in values if key not in known]
         if unknown:
             hints = []
