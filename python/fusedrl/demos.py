@@ -1,0 +1,133 @@
+"""The built-in demos of `fusedrl train`: what each trains, and an honest estimate of how long it takes.
+
+  sums   (default) SmolLM2-135M-Instruct + LoRA learns to answer one-digit sums with just the number: the reward
+         climbs from about 0.3-0.5 to about 0.9 in 20 steps, about 4 minutes on a 2-core CPU. Checkpoint every
+         4 steps (under a minute), so an interruption loses at most that.
+  gsm8k  the same model on offline GSM8K problems with the XML reasoning format: a long run (see estimate_text);
+         on a CPU the reward moves little in its first hour - it shows the pipeline, not learning.
+
+Each demo is a mapping in the layout of a TOML config (the same as `examples/<name>.toml`, which a test keeps equal),
+so `fusedrl train examples/sums.toml` and `fusedrl train` run the same thing.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+DEFAULT_DEMO = "sums"
+
+
+@dataclass(frozen=True)
+class Demo:
+    name: str
+    description: str
+    config: dict[str, Any]  # TOML layout: GRPOConfig fields in [train], plus [model], [lora], [dataset], [rewards]
+    cpu_seconds_per_step: float  # measured on the 2-core CI-like CPU (firstrun report), quiet machine
+    gpu_seconds_per_step: float
+    eval_args: str  # arguments of the `fusedrl eval` line printed at the end (RUN_DIR filled in)
+
+    def estimate_text(self, on_gpu: bool) -> str:
+        steps = self.config["train"]["max_steps"]
+        per_step = self.gpu_seconds_per_step if on_gpu else self.cpu_seconds_per_step
+        minutes = steps * per_step / 60
+        where = "GPU" if on_gpu else "2-core CPU"
+        return (f"{steps} steps at about {per_step:.0f} s each on a {where}: about {minutes:.0f} min "
+                f"(+ about 30 s to convert the model on first use)")
+
+
+_SMOLLM2 = {"name_or_path": "smollm2-offline", "dtype": "float32", "max_seq_length": 512}
+
+SUMS = Demo(
+    name="sums",
+    description="SmolLM2-135M-Instruct learns to answer one-digit sums with just the number",
+    config={
+        "train": {
+            "output_dir": "runs/fusedrl-demo",
+            "max_steps": 20,
+            "learning_rate": 1e-3,
+            "num_generations": 8,
+            "per_device_train_batch_size": 16,
+            "max_completion_length": 8,
+            "max_prompt_length": 64,
+            "temperature": 1.0,
+            "loss_type": "dapo",
+            "beta": 0.0,
+            "logging_steps": 1,
+            "save_steps": 4,
+            "save_total_limit": 2,
+            "log_completions": True,
+            "num_completions_to_print": 1,
+            "gradient_checkpointing": False,
+            "dtype": "float32",
+            "seed": 0,
+            "warmup_steps": 0,
+            "lr_scheduler_type": "constant",
+        },
+        "model": dict(_SMOLLM2),
+        "lora": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"},
+        "dataset": {"name": "sums"},
+        "rewards": {"names": ["number_answer_reward"], "weights": [1.0]},
+    },
+    cpu_seconds_per_step=11.0,
+    gpu_seconds_per_step=1.0,
+    eval_args="--model smollm2-offline --adapter {run_dir}/final_adapter --dataset sums --limit 20 --max-new-tokens 8",
+)
+
+GSM8K = Demo(
+    name="gsm8k",
+    description="SmolLM2-135M-Instruct on 16 offline GSM8K problems, XML reasoning format (long on a CPU)",
+    config={
+        "train": {
+            "output_dir": "runs/fusedrl-gsm8k",
+            "max_steps": 16,
+            "learning_rate": 2e-5,
+            "num_generations": 8,
+            "per_device_train_batch_size": 16,
+            "gradient_accumulation_steps": 1,
+            "max_completion_length": 32,
+            "max_prompt_length": 256,
+            "temperature": 1.0,
+            "loss_type": "dapo",
+            "beta": 0.0,
+            "logging_steps": 1,
+            "save_steps": 2,
+            "save_total_limit": 2,
+            "log_completions": True,
+            "num_completions_to_print": 1,
+            # activations of 16 x ~250-token sequences in float32 are ~5 GB without recomputation
+            "gradient_checkpointing": True,
+            "dtype": "float32",
+            "seed": 0,
+            "warmup_steps": 0,
+            "lr_scheduler_type": "constant",
+        },
+        "model": dict(_SMOLLM2),
+        "lora": {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"},
+        "dataset": {"name": "gsm8k-offline", "limit": 16},
+        # proximity_reward scores the last number written, so 32-token completions already get graded rewards
+        "rewards": {"names": ["proximity_reward", "correctness_reward", "xmlcount_reward"], "weights": [1.0, 1.0, 0.5]},
+    },
+    cpu_seconds_per_step=30.0,
+    gpu_seconds_per_step=2.0,
+    eval_args="--model smollm2-offline --adapter {run_dir}/final_adapter --dataset gsm8k-offline --limit 4 "
+    "--max-new-tokens 64",
+)
+
+DEMOS: dict[str, Demo] = {demo.name: demo for demo in (SUMS, GSM8K)}
+
+
+def get_demo(name: str) -> Demo:
+    if name not in DEMOS:
+        raise ValueError(f"--demo: unknown demo {name!r}; choose one of {sorted(DEMOS)}")
+    return DEMOS[name]
+
+
+def demo_mapping(name: str, on_gpu: bool = False) -> dict[str, Any]:
+    """A deep copy of the demo's TOML-layout mapping; on a GPU in bfloat16 with gradient checkpointing."""
+    values = copy.deepcopy(get_demo(name).config)
+    if on_gpu:
+        values["train"].update(dtype="bfloat16", gradient_checkpointing=True)
+        values["model"]["dtype"] = "bfloat16"
+    return values
