@@ -53,6 +53,9 @@ endif()
 
 if(FUSEDRL_WITH_CUDA)
   set(CMAKE_CUDA_ARCHITECTURES "${FUSEDRL_CUDA_ARCHS}")
+  # torch loads the shared CUDA runtime; a static copy in our library would be a second runtime with its own
+  # error state and its own view of stream capture (CMake's default for nvcc-compiled targets is Static).
+  set(CMAKE_CUDA_RUNTIME_LIBRARY Shared)
   enable_language(CUDA)
   find_package(CUDAToolkit REQUIRED)
   find_package(Torch REQUIRED)

@@ -3,9 +3,38 @@
 from __future__ import annotations
 
 import platform
+import signal
+import subprocess
 import sys
 
 import torch
+
+
+# Provokes one argument error whose message formats numbers (the case that crashed a build carrying its own copy of
+# libstdc++, issue 8) in a child process, so a crash is reported instead of taking the doctor down with it.
+_ERROR_PROBE = """
+import torch, fusedrl.ops
+try:
+    fusedrl.ops.selective_logp(torch.randn(2, 3, 8), torch.randn(11, 8), torch.full((2, 3), 99))
+except RuntimeError as err:
+    print("raised:", str(err).splitlines()[0])
+"""
+
+
+def error_probe(code: str = _ERROR_PROBE, timeout: float = 120.0) -> str:
+    """One line: whether an op's argument error reaches Python as an exception, or how the process died."""
+    try:
+        probe = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"op errors: UNKNOWN (the probe did not finish in {timeout:.0f} s)"
+    if probe.returncode == 0 and probe.stdout.startswith("raised:"):
+        return f"op errors: raised cleanly ({probe.stdout.strip()[len('raised: '):]})"
+    if probe.returncode < 0:
+        how = f"killed by {signal.Signals(-probe.returncode).name}"
+    else:
+        how = f"exit {probe.returncode}: {(probe.stderr.strip().splitlines() or ['no output'])[-1]}"
+    return (f"op errors: BROKEN, a bad argument {how} instead of raising; rebuild fusedrl and check that "
+            "the build log does not warn about libstdc++")
 
 
 def report() -> list[str]:
@@ -25,6 +54,7 @@ def report() -> list[str]:
             keys = [key for key in ("CPU", "CUDA", "Meta", "Autograd")
                     if torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedrl::{op}", key)]
             lines.append(f"  op fusedrl::{op}: {', '.join(keys)}")
+        lines.append(error_probe())
     except ImportError as err:
         lines.append(f"compiled ops: MISSING ({err})")
     if torch.cuda.is_available():

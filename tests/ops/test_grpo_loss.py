@@ -202,8 +202,10 @@ def test_torch_compile_fullgraph(generator):
     torch.testing.assert_close(h1.grad, h2.grad)
 
 
-def test_errors_name_the_argument(generator, cxx_errors_reach_python):
-    b = make_batch(2, 3, 4, 11, generator=generator)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.errors
+def test_errors_name_the_argument(device, generator):
+    b = make_batch(2, 3, 4, 11, device=device, generator=generator)
     args = (b["hidden"], b["weight"], b["ids"], b["mask"], b["advantages"])
     cases = [
         (dict(loss_type="ppo"), "loss_type must be one of"),
@@ -212,7 +214,7 @@ def test_errors_name_the_argument(generator, cxx_errors_reach_python):
         (dict(temperature=0.0), "temperature must be > 0"),
         (dict(vllm_importance_sampling_correction=True), "needs sampling_logp"),
         (dict(vllm_importance_sampling_mode="seq"), "vllm_importance_sampling_mode must be one of"),
-        (dict(old_logp=torch.zeros(2, 4, dtype=torch.float64)), r"old_logp must be \(B, T\)"),
+        (dict(old_logp=torch.zeros(2, 4, dtype=torch.float64, device=device)), r"old_logp must be \(B, T\)"),
     ]
     for kwargs, pattern in cases:
         with pytest.raises(ValueError, match=pattern):
@@ -223,7 +225,7 @@ def test_errors_name_the_argument(generator, cxx_errors_reach_python):
         grpo_loss(b["hidden"], b["weight"], b["ids"], b["mask"][:, :2], b["advantages"])
     with pytest.raises(ValueError, match=r"advantages must be \(B,\)"):
         grpo_loss(b["hidden"], b["weight"], b["ids"], b["mask"], b["advantages"][:1])
-    with pytest.raises(ValueError, match="lm_head_weight is on meta but hidden is on cpu"):
+    with pytest.raises(ValueError, match=f"lm_head_weight is on meta but hidden is on {device}"):
         grpo_loss(b["hidden"], b["weight"].to("meta"), b["ids"], b["mask"], b["advantages"])
     with pytest.raises(RuntimeError, match=r"target ids must lie in \[0, 11\)"):
         grpo_loss(b["hidden"], b["weight"], b["ids"] + 11, b["mask"], b["advantages"])

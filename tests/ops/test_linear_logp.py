@@ -160,7 +160,8 @@ def test_strided_and_empty_inputs(device, generator):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_errors_name_the_argument(device, generator, cxx_errors_reach_python):
+@pytest.mark.errors
+def test_errors_name_the_argument(device, generator):
     hidden, weight, targets, bias = lm_head_inputs(4, 6, 9, torch.float32, device, bias=True, generator=generator)
     with pytest.raises(RuntimeError, match=r"target ids must lie in \[0, 9\), got values in \[.*9\]"):
         linear_logp(hidden, weight, torch.full_like(targets, 9))
@@ -182,6 +183,11 @@ def test_errors_name_the_argument(device, generator, cxx_errors_reach_python):
         linear_logp(hidden, weight, targets, logit_softcap=-1.0)
     with pytest.raises(RuntimeError, match="hidden must be float16, bfloat16, float32 or float64"):
         linear_logp(hidden.long(), weight.long(), targets)
+    if device == "cuda":
+        with pytest.raises(RuntimeError, match="weight is on cpu but hidden is on cuda"):
+            linear_logp(hidden, weight.cpu(), targets)
+        with pytest.raises(RuntimeError, match="targets is on cpu but hidden is on cuda"):
+            linear_logp(hidden, weight, targets.cpu())
 
 
 @pytest.mark.parametrize("device", DEVICES)
