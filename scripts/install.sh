@@ -42,7 +42,8 @@ elif [[ -e /proc/driver/nvidia/version ]] || nvidia-smi -L >/dev/null 2>&1; then
   pip_install "${FUSEDRL_TORCH_CUDA:-torch}"
 else
   say "no NVIDIA driver: installing the CPU torch (${FUSEDRL_TORCH_CPU:-torch==2.13.0+cpu})"
-  pip_install --timeout 30 "${FUSEDRL_TORCH_CPU:-torch==2.13.0+cpu}" \
+  # --retries 0: where download.pytorch.org is unreachable (PyPI-only mirrors) each lookup fails at once
+  pip_install --retries 0 --timeout 30 "${FUSEDRL_TORCH_CPU:-torch==2.13.0+cpu}" \
     --extra-index-url https://download.pytorch.org/whl/cpu
 fi
 
