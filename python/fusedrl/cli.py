@@ -1,6 +1,6 @@
 """The `fusedrl` command: train (from a TOML file, or the offline demo), eval (greedy GSM8K accuracy), plot.
 
-  fusedrl train [config.toml] [--resume RUN_DIR] [--max-steps N] [--output-dir DIR]
+  fusedrl train [config.toml | --demo sums|gsm8k] [--resume RUN_DIR] [--max-steps N] [--output-dir DIR]
   fusedrl eval --model PATH [--adapter DIR] [--limit N] [--dataset gsm8k-offline|gsm8k|FILE.jsonl]
   fusedrl plot RUN_DIR [--output FILE.png]
 
@@ -30,7 +30,6 @@ except ModuleNotFoundError:  # Python 3.10
     tomllib = None  # type: ignore[assignment]
 
 RUN_CONFIG_FILE = "run_config.json"
-DEMO_TRAIN_PROBLEMS = 16  # the demo trains on the first problems of the seed-0 shuffle; eval uses the last ones
 SECTIONS = ("train", "model", "lora", "dataset", "rewards")
 MODEL_KEYS = ("name_or_path", "dtype", "load_in_4bit", "max_seq_length")
 DATASET_KEYS = ("name", "split", "limit", "seed")
@@ -142,52 +141,16 @@ def load_run_config(path: str | Path) -> RunConfig:
     return run_config_from_mapping(values)
 
 
-def demo_run_config() -> RunConfig:
-    """The offline demo: SmolLM2-135M-Instruct, 16 GSM8K problems, short completions, 16 steps of 2 x 8 completions.
-
-    About 10 s a step on a quiet 2-core CPU (plus 30 s converting the model once); seconds on a GPU.
-    """
+def demo_run_config(name: str | None = None) -> RunConfig:
+    """A built-in demo (fusedrl.demo: "sums" by default, "gsm8k"), for this machine's device."""
     import torch
 
-    on_gpu = torch.cuda.is_available()
-    return RunConfig(
-        train={
-            "output_dir": "runs/fusedrl-demo",
-            "max_steps": 16,
-            "learning_rate": 2e-5,
-            "num_generations": 8,
-            "per_device_train_batch_size": 16,
-            "gradient_accumulation_steps": 1,
-            "max_completion_length": 32,
-            "max_prompt_length": 256,
-            "temperature": 1.0,
-            "loss_type": "dapo",
-            "beta": 0.0,
-            "logging_steps": 1,
-            "save_steps": 8,
-            "save_total_limit": 2,
-            "log_completions": True,
-            "num_completions_to_print": 1,
-            "dtype": "bfloat16" if on_gpu else "float32",
-            "gradient_checkpointing": on_gpu,
-            "seed": 0,
-            "warmup_steps": 0,
-            "lr_scheduler_type": "constant",
-        },
-        model={
-            "name_or_path": "smollm2-offline",
-            "dtype": "bfloat16" if on_gpu else "float32",
-            "max_seq_length": 512,
-        },
-        lora={"r": 16, "lora_alpha": 32, "target_modules": "all-linear"},
-        dataset={"name": "gsm8k-offline", "limit": DEMO_TRAIN_PROBLEMS},
-        # proximity_reward scores the last number written, so 32-token completions already get graded rewards
-        rewards=[
-            ("proximity_reward", 1.0),
-            ("correctness_reward", 1.0),
-            ("xmlcount_reward", 0.5),
-        ],
-    )
+    from fusedrl.demo import DEFAULT_DEMO, demo_mapping
+
+    try:
+        return run_config_from_mapping(demo_mapping(name or DEFAULT_DEMO, on_gpu=torch.cuda.is_available()))
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -216,6 +179,10 @@ def build_dataset(spec: dict[str, Any], default_split: str = "train") -> Any:
             return load_offline_gsm8k(limit, seed=seed)
         except RuntimeError as error:  # the package with the offline problems is missing: says how to install it
             raise ConfigError(str(error)) from error
+    if name == "sums":
+        from fusedrl.data.sums import sums_dataset
+
+        return sums_dataset(spec.get("split", default_split), limit)
     if name == "gsm8k":
         from fusedrl.data.gsm8k import load_gsm8k
 
@@ -223,7 +190,7 @@ def build_dataset(spec: dict[str, Any], default_split: str = "train") -> Any:
     elif str(name).endswith((".jsonl", ".json")):
         dataset = _load_jsonl_dataset(Path(name))
     else:
-        raise ConfigError(f"[dataset] name: expected 'gsm8k-offline', 'gsm8k' or a .jsonl file, got {name!r}")
+        raise ConfigError(f"[dataset] name: expected 'sums', 'gsm8k-offline', 'gsm8k' or a .jsonl file, got {name!r}")
     return dataset.select(range(min(limit, len(dataset)))) if limit is not None else dataset
 
 
@@ -274,8 +241,8 @@ def command_train(args: argparse.Namespace) -> int:
     elif args.resume is not None and (Path(args.resume) / RUN_CONFIG_FILE).is_file():
         run = load_run_config(Path(args.resume) / RUN_CONFIG_FILE)
     else:
-        run = demo_run_config()
-        print("fusedrl: no config file given: running the offline demo (SmolLM2-135M-Instruct on GSM8K problems)")
+        run = demo_run_config(args.demo)
+        _announce_demo(args.demo, run)
     if args.output_dir is not None:
         run.train["output_dir"] = args.output_dir
     elif args.resume is not None:
@@ -309,8 +276,12 @@ def command_train(args: argparse.Namespace) -> int:
     )
     dataset = build_dataset(run.dataset)
 
+    from fusedrl.threads import ThreadTuner
+
     callbacks = default_callbacks(config, resume_from=resume_from)
     logger = callbacks[-1]
+    if not torch_on_gpu():  # a CPU run: one torch thread per free core, re-checked every step
+        callbacks.insert(0, ThreadTuner())
     trainer = GRPOTrainer(model, rewards, config, dataset, processing_class=tokenizer, callbacks=callbacks)
     try:
         trainer.train()
@@ -321,14 +292,47 @@ def command_train(args: argparse.Namespace) -> int:
     print(
         f"fusedrl: done: {trainer.state.global_step} steps; run directory {output_dir}"
         + (f"; adapter {final}" if final else "")
-        + f"; curves {picture}"
+        + f"\nfusedrl: reward curve: {picture}"
     )
+    _print_eval_lines(run, final)
     return 0
+
+
+def torch_on_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _announce_demo(name: str | None, run: RunConfig) -> None:
+    from fusedrl.demo import DEFAULT_DEMO, get_demo
+
+    demo = get_demo(name or DEFAULT_DEMO)
+    print(f"fusedrl: running the {demo.name!r} demo ({demo.description}); expect "
+          f"{demo.estimate_text(torch_on_gpu())}. Run directory {run.train['output_dir']}", flush=True)
+
+
+def _print_eval_lines(run: RunConfig, adapter: Path | None) -> None:
+    from fusedrl.demo import eval_command
+
+    model = run.model.get("name_or_path", "smollm2-offline")
+    trained = eval_command(run.dataset.get("name", ""), model, str(adapter) if adapter else None)
+    if trained is not None:
+        print(f"fusedrl: evaluate on held-out questions (about a minute on a CPU):\n  {trained}")
+        if adapter is not None:
+            print(f"  {eval_command(run.dataset['name'], model, None)}   # the model before training")
 
 
 def held_out_problems(limit: int, dataset: str) -> Any:
     """Problems not used by the demo's training: the last `limit` of the seed-0 shuffle (offline), or GSM8K test."""
+    if dataset == "sums":
+        from fusedrl.data.sums import HELD_OUT, sums_dataset
+
+        if not 1 <= limit <= HELD_OUT:
+            raise ConfigError(f"--limit: expected 1..{HELD_OUT} held-out sums, got {limit}")
+        return sums_dataset("test", limit)
     if dataset == "gsm8k-offline":
+        from fusedrl.demo import DEMO_TRAIN_PROBLEMS
         from fusedrl.data.gsm8k import load_offline_gsm8k
 
         problems = load_offline_gsm8k(None, seed=0)
@@ -345,11 +349,13 @@ def evaluate_greedy(
     problems: Any,
     max_new_tokens: int,
     batch_size: int = 8,
+    dataset: str = "gsm8k",
 ) -> tuple[float, list[dict[str, Any]]]:
-    """Fraction of problems whose greedy completion earns correctness_reward's full score, and the samples."""
+    """Fraction of problems whose greedy completion is right, and the samples. Right: correctness_reward > 0 (the
+    XML answer equals the truth), or for "sums" number_answer_reward == 1 (just the number)."""
     import torch
 
-    from fusedrl.rewards import correctness_reward
+    from fusedrl.rewards import correctness_reward, number_answer_reward
     from fusedrl.rollout import BuiltinEngine, SamplingConfig
     from fusedrl.train.batching import tokenize_prompts
 
@@ -367,7 +373,10 @@ def evaluate_greedy(
             [ids[:n].tolist() for ids, n in zip(out.completion_ids, lengths)],
             skip_special_tokens=True,
         )
-        scores = correctness_reward(rows["prompt"], texts, answer=list(rows["answer"]))
+        if dataset == "sums":
+            scores = [s == 1.0 for s in number_answer_reward(rows["prompt"], texts, answer=list(rows["answer"]))]
+        else:
+            scores = correctness_reward(rows["prompt"], texts, answer=list(rows["answer"]))
         samples += [
             {"answer": a, "completion": t, "correct": bool(s and s > 0)}
             for a, t, s in zip(rows["answer"], texts, scores)
@@ -394,7 +403,7 @@ def command_eval(args: argparse.Namespace) -> int:
     if args.adapter is not None:
         model = load_lora(model, args.adapter)
     problems = held_out_problems(args.limit, args.dataset)
-    accuracy, samples = evaluate_greedy(model, tokenizer, problems, args.max_new_tokens)
+    accuracy, samples = evaluate_greedy(model, tokenizer, problems, args.max_new_tokens, dataset=args.dataset)
     for sample in samples[: args.show]:
         print(f"--- answer {sample['answer']} ({'correct' if sample['correct'] else 'wrong'})\n{sample['completion']}")
     print(
@@ -433,6 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RUN_DIR",
         help="continue from RUN_DIR's latest checkpoint",
     )
+    train.add_argument("--demo", metavar="NAME", help="without a config: which demo, 'sums' (default) or 'gsm8k'")
     train.add_argument("--max-steps", type=int, metavar="N", help="override max_steps")
     train.add_argument("--output-dir", metavar="DIR", help="override output_dir (the run directory)")
     train.set_defaults(handler=command_train)
@@ -445,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--adapter", type=Path, help="LoRA adapter folder (e.g. RUN_DIR/final_adapter)")
     evaluate.add_argument("--limit", type=int, default=20, help="number of held-out problems (default 20)")
-    evaluate.add_argument("--dataset", default="gsm8k-offline", help="gsm8k-offline | gsm8k | FILE.jsonl")
+    evaluate.add_argument("--dataset", default="gsm8k-offline", help="sums | gsm8k-offline | gsm8k | FILE.jsonl")
     evaluate.add_argument("--max-new-tokens", type=int, default=256)
     evaluate.add_argument("--show", type=int, default=2, help="completions to print")
     evaluate.set_defaults(handler=command_eval)
@@ -463,11 +473,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "max_steps", None) is not None and args.max_steps < 1:
         print("fusedrl: error: --max-steps must be >= 1", file=sys.stderr)
         return 2
+    if getattr(args, "demo", None) is not None and args.config is not None:
+        print("fusedrl: error: --demo runs a built-in config; give either a config file or --demo", file=sys.stderr)
+        return 2
+    if args.command == "eval":
+        _use_free_cores()
     try:
         return args.handler(args)
     except (ConfigError, FileNotFoundError) as error:
         print(f"fusedrl: error: {error}", file=sys.stderr)
         return 2
+
+
+def _use_free_cores() -> None:
+    """One torch thread per core that other processes leave free (see fusedrl.threads); training re-checks per step."""
+    import torch
+
+    from fusedrl.threads import free_cores
+
+    if not torch.cuda.is_available():
+        torch.set_num_threads(free_cores())
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ class Demo:
     config: dict[str, Any]  # TOML layout: GRPOConfig fields in [train], plus [model], [lora], [dataset], [rewards]
     cpu_seconds_per_step: float  # measured on the 2-core CI-like CPU (firstrun report), quiet machine
     gpu_seconds_per_step: float
-    eval_args: str  # arguments of the `fusedrl eval` line printed at the end (RUN_DIR filled in)
 
     def estimate_text(self, on_gpu: bool) -> str:
         steps = self.config["train"]["max_steps"]
@@ -48,7 +47,9 @@ SUMS = Demo(
             "max_steps": 20,
             "learning_rate": 1e-3,
             "num_generations": 8,
-            "per_device_train_batch_size": 16,
+            # 2 questions x 8 completions per step, in two micro-batches of 8: half the activation memory
+            "per_device_train_batch_size": 8,
+            "gradient_accumulation_steps": 2,
             "max_completion_length": 8,
             "max_prompt_length": 64,
             "temperature": 1.0,
@@ -72,7 +73,6 @@ SUMS = Demo(
     },
     cpu_seconds_per_step=11.0,
     gpu_seconds_per_step=1.0,
-    eval_args="--model smollm2-offline --adapter {run_dir}/final_adapter --dataset sums --limit 20 --max-new-tokens 8",
 )
 
 GSM8K = Demo(
@@ -111,11 +111,17 @@ GSM8K = Demo(
     },
     cpu_seconds_per_step=30.0,
     gpu_seconds_per_step=2.0,
-    eval_args="--model smollm2-offline --adapter {run_dir}/final_adapter --dataset gsm8k-offline --limit 4 "
-    "--max-new-tokens 64",
 )
 
 DEMOS: dict[str, Demo] = {demo.name: demo for demo in (SUMS, GSM8K)}
+# the GSM8K demo trains on the first problems of the seed-0 shuffle; `fusedrl eval --dataset gsm8k-offline` the last
+DEMO_TRAIN_PROBLEMS = GSM8K.config["dataset"]["limit"]
+
+# `fusedrl eval` lines for runs on the demo datasets: held-out questions, a completion length that fits the task
+_EVAL_ARGS = {
+    "sums": "--dataset sums --limit 20 --max-new-tokens 8",
+    "gsm8k-offline": "--dataset gsm8k-offline --limit 4 --max-new-tokens 64",
+}
 
 
 def get_demo(name: str) -> Demo:
@@ -131,3 +137,11 @@ def demo_mapping(name: str, on_gpu: bool = False) -> dict[str, Any]:
         values["train"].update(dtype="bfloat16", gradient_checkpointing=True)
         values["model"]["dtype"] = "bfloat16"
     return values
+
+
+def eval_command(dataset: str, model: str, adapter: str | None) -> str | None:
+    """The `fusedrl eval` line (about a minute on a CPU) for a run on a demo dataset; None for other datasets."""
+    if dataset not in _EVAL_ARGS:
+        return None
+    adapter_args = f" --adapter {adapter}" if adapter else ""
+    return f"fusedrl eval --model {model}{adapter_args} {_EVAL_ARGS[dataset]}"
