@@ -151,7 +151,7 @@ def test_train_resume_plot_eval_end_to_end(tiny_run_files, capsys):
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
     state = json.loads((run / "checkpoint-3" / "trainer_state.json").read_text())
-    assert state["global_step"] == 3 and len(state["history"]) == 3
+    assert state["progress"]["global_step"] == 3 and len(state["progress"]["history"]) == 3
     assert main(["plot", str(run)]) == 0 and (run / "metrics.png").is_file()
     capsys.readouterr()
     assert (

@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-from fusedrl.cli import build_rewards, load_run_config, main, run_config_from_mapping
+from fusedrl.cli import build_rewards, main
+from fusedrl.run_config import load_run_config, run_config_from_mapping
 from fusedrl.demo import DEMOS, demo_mapping
 from fusedrl.model.tiny import tiny_model_from_tokenizer, tiny_word_tokenizer
 from fusedrl.train.config import GRPOConfig

@@ -34,6 +34,7 @@ def test_tuner_sets_torch_threads_and_records_them(monkeypatch, capsys):
     monkeypatch.setattr(threads.LoadSampler, "other_busy_cores", lambda self: 2.0)
     monkeypatch.setattr(threads.time, "sleep", lambda seconds: None)
     try:
+        torch.set_num_threads(2)
         tuner = threads.ThreadTuner()
         tuner.on_train_begin(None)
         assert torch.get_num_threads() == 1
@@ -41,5 +42,7 @@ def test_tuner_sets_torch_threads_and_records_them(monkeypatch, capsys):
         tuner.on_step_end(None)
         assert torch.get_num_threads() == 3 and tuner.history == [1, 3]
         assert "1 CPU thread(s) for torch (other processes keep 2.0 of 3 cores busy)" in capsys.readouterr().out
+        tuner.on_train_end(None)
+        assert torch.get_num_threads() == 2  # the count found at the start
     finally:
         torch.set_num_threads(before)

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+from fusedrl.run_config import ConfigError, RunConfig, run_config_from_mapping
 
 DEFAULT_DEMO = "sums"
 
@@ -126,7 +129,7 @@ _EVAL_ARGS = {
 
 def get_demo(name: str) -> Demo:
     if name not in DEMOS:
-        raise ValueError(f"--demo: unknown demo {name!r}; choose one of {sorted(DEMOS)}")
+        raise ConfigError(f"--demo: unknown demo {name!r}; choose one of {sorted(DEMOS)}")
     return DEMOS[name]
 
 
@@ -145,3 +148,33 @@ def eval_command(dataset: str, model: str, adapter: str | None) -> str | None:
         return None
     adapter_args = f" --adapter {adapter}" if adapter else ""
     return f"fusedrl eval --model {model}{adapter_args} {_EVAL_ARGS[dataset]}"
+
+
+def _on_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def demo_run_config(name: str | None = None) -> RunConfig:
+    """The RunConfig of a demo ("sums" when name is None) for this machine's device."""
+    return run_config_from_mapping(demo_mapping(name or DEFAULT_DEMO, on_gpu=_on_gpu()))
+
+
+def announce_demo(name: str | None, run: RunConfig) -> None:
+    """The line printed before a demo starts: what it trains and how long it should take here."""
+    demo = get_demo(name or DEFAULT_DEMO)
+    print(f"fusedrl: running the {demo.name!r} demo ({demo.description}); expect "
+          f"{demo.estimate_text(_on_gpu())}; run directory {run.train['output_dir']}", flush=True)
+
+
+def print_eval_lines(run: RunConfig, adapter: Path | None) -> None:
+    """After a run on a demo dataset: the `fusedrl eval` lines for the trained adapter and for the model before."""
+    model = run.model.get("name_or_path", "smollm2-offline")
+    dataset = run.dataset.get("name", "")
+    trained = eval_command(dataset, model, str(adapter) if adapter else None)
+    if trained is None:
+        return
+    print(f"fusedrl: evaluate on held-out questions (about a minute on a CPU):\n  {trained}")
+    if adapter is not None:
+        print(f"  {eval_command(dataset, model, None)}   # the model before training")

@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from fusedrl.train.logging import read_metrics, reward_function_names
+from fusedrl.train.metrics_log import read_metrics, reward_function_names
 
 
 def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:

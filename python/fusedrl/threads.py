@@ -89,8 +89,16 @@ def free_cores(sample_seconds: float = 0.5) -> int:
     return threads_for(sampler.other_busy_cores())
 
 
+def use_free_cores() -> int:
+    """Set torch's intra-op threads to free_cores() (on a machine without a CUDA GPU); returns the count."""
+    if not torch.cuda.is_available():
+        torch.set_num_threads(free_cores())
+    return torch.get_num_threads()
+
+
 class ThreadTuner:
-    """Trainer callback: sets torch's intra-op thread count at the start and after every step from the free cores.
+    """Trainer callback: sets torch's intra-op thread count at the start and after every step from the free cores,
+    and puts the count it found back when training ends.
 
     verbose: print a line whenever the count changes (with the load that caused it).
     """
@@ -98,6 +106,7 @@ class ThreadTuner:
     def __init__(self, verbose: bool = True) -> None:
         self.verbose = verbose
         self._sampler: LoadSampler | None = None
+        self._threads_before: int | None = None
         self.history: list[int] = []
 
     def _apply(self, threads: int, other_busy: float | None) -> None:
@@ -110,6 +119,7 @@ class ThreadTuner:
         self.history.append(threads)
 
     def on_train_begin(self, trainer: Any) -> None:
+        self._threads_before = torch.get_num_threads()
         sampler = LoadSampler()
         time.sleep(0.5)
         other_busy = sampler.other_busy_cores()
@@ -122,3 +132,7 @@ class ThreadTuner:
             return
         other_busy = self._sampler.other_busy_cores()
         self._apply(threads_for(other_busy), other_busy)
+
+    def on_train_end(self, trainer: Any) -> None:
+        if self._threads_before is not None:
+            torch.set_num_threads(self._threads_before)

@@ -1,6 +1,6 @@
 """Gradient accumulation: k micro-batches accumulate to the gradient of one batch k times as large.
 
-Which loss types have that property (see fusedrl/train/trainer.py):
+Which loss types have that property (see fusedrl/train/loss_step.py):
   dapo, cispo: exactly, because the trainer passes num_items_in_batch = active tokens of the whole step;
   grpo, sapo, dr_grpo, luspo: exactly, because each micro-batch loss is a mean over its (equally many) sequences and
       the trainer divides by gradient_accumulation_steps (luspo with a per-token loss - token level or beta > 0 -
@@ -63,7 +63,7 @@ def random_batch(rows: int, vocab: int, seed: int, *, equal_tokens: bool = False
 def with_policy_logps(trainer: GRPOTrainer, batch: TrainingBatch, seed: int) -> TrainingBatch:
     """old/ref logp = the current policy's logp + noise, so ratios straddle the clip range and KL is non-zero."""
     generator = torch.Generator().manual_seed(seed)
-    logp = trainer._per_token_logp(trainer.model, batch)
+    logp = trainer.per_token_logp(trainer.model, batch)
     noisy = lambda: logp + 0.3 * torch.randn(logp.shape, generator=generator)
     return batch.replace(old_logp=noisy(), ref_logp=noisy())
 
@@ -87,8 +87,8 @@ def test_k_micro_batches_equal_one_big_batch(loss_type, importance_sampling_leve
     big = make_trainer(1, 8, loss_type, importance_sampling_level=importance_sampling_level)
     small = make_trainer(k, 8 // k, loss_type, importance_sampling_level=importance_sampling_level)
     batch = with_policy_logps(big, random_batch(8, len(big.tokenizer), seed=k), seed=1)
-    one = accumulated_gradients(big, big.split_micro_batches(batch, 1))
-    many = accumulated_gradients(small, small.split_micro_batches(batch, k))
+    one = accumulated_gradients(big, big.rounds.split_micro_batches(batch, 1))
+    many = accumulated_gradients(small, small.rounds.split_micro_batches(batch, k))
     assert_same_gradients(one, many)
 
 

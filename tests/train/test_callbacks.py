@@ -8,7 +8,7 @@ from fusedrl.model.tiny import tiny_model_from_tokenizer, tiny_word_tokenizer
 from fusedrl.train.callbacks import default_callbacks
 from fusedrl.train.checkpoint import CheckpointCallback, find_latest_checkpoint
 from fusedrl.train.config import GRPOConfig
-from fusedrl.train.logging import MetricsLogger
+from fusedrl.train.metrics_log import MetricsLogger
 from fusedrl.train.trainer import GRPOTrainer
 
 

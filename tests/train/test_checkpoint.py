@@ -9,6 +9,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from fusedrl.train.rng import capture_rng_state, restore_rng_state
 from fusedrl.train.checkpoint import (
     CheckpointError,
     find_latest_checkpoint,
@@ -60,51 +61,38 @@ def train_one_step(model, optimizer, scheduler) -> float:
     return loss.item()
 
 
-def test_round_trip_restores_weights_optimizer_scheduler_scaler_rng_and_state(tmp_path):
+def objects_state(optimizer, scheduler, scaler=None, generators=None) -> dict:
+    """What a trainer's state_dict holds besides its JSON part: the state dicts of its objects and its RNGs."""
+    return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None, "rng": capture_rng_state(generators)}
+
+
+def test_round_trip_restores_weights_state_and_json(tmp_path):
     model, optimizer, scheduler, scaler = make_training_objects(seed=3)
     train_one_step(model, optimizer, scheduler)
     gen = torch.Generator().manual_seed(11)
     torch.randn(5, generator=gen)
-    state = {
-        "global_step": 1,
-        "data_position": 7,
-        "history": [{"step": 1, "loss": 0.5}],
-    }
-    path = save_checkpoint(
-        tmp_path,
-        1,
-        model=model,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        scaler=scaler,
-        trainer_state=state,
-        generators={"rollout": gen},
-    )
+    progress = {"global_step": 1, "data_position": 7, "history": [{"step": 1, "loss": 0.5}]}
+    path = save_checkpoint(tmp_path, 1, model=model, trainer_state=progress,
+                           state=objects_state(optimizer, scheduler, scaler, {"rollout": gen}))
     assert path.name == "checkpoint-1"
     assert (path / "adapter_model.safetensors").is_file() and (path / "adapter_config.json").is_file()
     assert (tmp_path / "latest").read_text().strip() == "checkpoint-1"
     saved_lora = {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k}
 
-    expected_py, expected_np, expected_torch = (
-        random.random(),
-        np.random.rand(),
-        torch.rand(3),
-    )
+    expected_py, expected_np, expected_torch = random.random(), np.random.rand(), torch.rand(3)
     expected_gen = torch.randn(4, generator=gen)
     train_one_step(model, optimizer, scheduler)  # the RNG draws of a step must not disturb what was saved
 
     model2, optimizer2, scheduler2, scaler2 = make_training_objects(seed=99)  # different init
     gen2 = torch.Generator()
     random.seed(0)
-    loaded = load_checkpoint(
-        tmp_path,
-        model=model2,
-        optimizer=optimizer2,
-        scheduler=scheduler2,
-        scaler=scaler2,
-        generators={"rollout": gen2},
-    )
-    assert loaded == state
+    loaded, state = load_checkpoint(tmp_path, model=model2)
+    optimizer2.load_state_dict(state["optimizer"])
+    scheduler2.load_state_dict(state["scheduler"])
+    scaler2.load_state_dict(state["scaler"])
+    restore_rng_state(state["rng"], {"rollout": gen2})
+    assert loaded == progress
     assert random.random() == expected_py and np.random.rand() == expected_np
     assert torch.equal(torch.rand(3), expected_torch)
     assert torch.equal(torch.randn(4, generator=gen2), expected_gen)
@@ -119,37 +107,31 @@ def test_round_trip_restores_weights_optimizer_scheduler_scaler_rng_and_state(tm
 def test_resumed_training_matches_uninterrupted(tmp_path):
     model, optimizer, scheduler, _ = make_training_objects(seed=5)
     train_one_step(model, optimizer, scheduler)
-    save_checkpoint(
-        tmp_path,
-        1,
-        model=model,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        trainer_state={"global_step": 1},
-    )
+    save_checkpoint(tmp_path, 1, model=model, trainer_state={"global_step": 1},
+                    state=objects_state(optimizer, scheduler))
     uninterrupted = [train_one_step(model, optimizer, scheduler) for _ in range(2)]
 
     model2, optimizer2, scheduler2, _ = make_training_objects(seed=5)  # same base, fresh LoRA/optimizer
     for p in model2.parameters():
         if p.requires_grad:
             torch.nn.init.normal_(p)
-    load_checkpoint(
-        tmp_path / "checkpoint-1",
-        model=model2,
-        optimizer=optimizer2,
-        scheduler=scheduler2,
-    )
+    _, state = load_checkpoint(tmp_path / "checkpoint-1", model=model2)
+    optimizer2.load_state_dict(state["optimizer"])
+    scheduler2.load_state_dict(state["scheduler"])
+    restore_rng_state(state["rng"])
     resumed = [train_one_step(model2, optimizer2, scheduler2) for _ in range(2)]
     assert resumed == uninterrupted
 
 
-class FailingStateDict:
-    """Stands in for an optimizer whose state cannot be written: raises the given OSError mid-save."""
+class FailingModel(torch.nn.Module):
+    """Stands in for a model whose weights cannot be written: raises the given error mid-save."""
 
-    def __init__(self, error: OSError):
+    def __init__(self, error: BaseException):
+        super().__init__()
         self.error = error
 
-    def state_dict(self):
+    def save_pretrained(self, directory):
+        (directory / "adapter_model.safetensors").write_bytes(b"half")
         raise self.error
 
 
@@ -157,44 +139,33 @@ class FailingStateDict:
     "error, words",
     [
         (
-            OSError(errno.ENOSPC, "No space left on device", "/x/optimizer.pt"),
+            OSError(errno.ENOSPC, "No space left on device", "/x/adapter_model.safetensors"),
             "disk full",
         ),
         (
-            PermissionError(errno.EACCES, "Permission denied", "/x/optimizer.pt"),
+            PermissionError(errno.EACCES, "Permission denied", "/x/adapter_model.safetensors"),
             "permission denied",
         ),
     ],
 )
 def test_failed_write_raises_clear_error_and_keeps_latest_loadable(tmp_path, error, words):
     model, optimizer, _, _ = make_training_objects(seed=1)
-    save_checkpoint(tmp_path, 2, model=model, optimizer=optimizer, trainer_state={"global_step": 2})
+    save_checkpoint(tmp_path, 2, model=model, trainer_state={"global_step": 2}, state={"x": torch.ones(2)})
     with pytest.raises(CheckpointError) as info:
-        save_checkpoint(
-            tmp_path,
-            4,
-            model=model,
-            optimizer=FailingStateDict(error),
-            trainer_state={"global_step": 4},
-        )
+        save_checkpoint(tmp_path, 4, model=FailingModel(error), trainer_state={"global_step": 4})
     message = str(info.value)
     assert words in message and "checkpoint-4" in message and "checkpoint-2" in message
     assert [p.name for p in tmp_path.iterdir() if not p.name.startswith("checkpoint-2")] == ["latest"]
     assert find_latest_checkpoint(tmp_path).name == "checkpoint-2"
-    assert load_checkpoint(tmp_path, model=tiny_peft_model(1), optimizer=optimizer)["global_step"] == 2
+    progress, state = load_checkpoint(tmp_path, model=tiny_peft_model(1))
+    assert progress["global_step"] == 2 and torch.equal(state["x"], torch.ones(2))
 
 
 def test_crash_mid_write_leaves_latest_loadable_and_is_cleaned_up(tmp_path):
     model = tiny_peft_model(seed=2)
     save_checkpoint(tmp_path, 1, model=model, trainer_state={"global_step": 1})
     with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(
-            tmp_path,
-            2,
-            model=model,
-            optimizer=FailingStateDict(KeyboardInterrupt()),  # type: ignore
-            trainer_state={"global_step": 2},
-        )
+        save_checkpoint(tmp_path, 2, model=FailingModel(KeyboardInterrupt()), trainer_state={"global_step": 2})
     # a process killed outright leaves a temporary dir and an incomplete checkpoint dir behind
     (tmp_path / ".tmp-checkpoint-3-deadbeef").mkdir()
     (tmp_path / "checkpoint-9").mkdir()

@@ -155,7 +155,7 @@ def test_string_prompts_get_string_completions_and_wrong_reward_length_is_named(
 
     rows = [{"prompt": f"what is {i}"} for i in range(4)]
     trainer = GRPOTrainer(model, reward, GRPOConfig(**BASE_ARGS), rows, tokenizer, rollout_engine=engine)
-    with pytest.raises(ValueError, match="reward function 'reward' returned 3 rewards for 4 completions"):
+    with pytest.raises(ValueError, match=r"reward function 'reward' returned 3 rewards; expected one per completion \(4\)"):
         trainer.train()
     assert got[0] == "1 2"
 

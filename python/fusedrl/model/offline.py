@@ -101,3 +101,10 @@ def smollm2_path(cache_dir: str | Path | None = None) -> Path:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return destination
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """ "smollm2-offline" -> the converted offline SmolLM2 folder; anything else is passed to transformers."""
+    if name_or_path != "smollm2-offline":
+        return name_or_path
+    return str(smollm2_path())

@@ -9,6 +9,10 @@ LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
 PPO_CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 SAMPLER_CORRECTION_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+# Normalisation groups: a micro-batch's loss is normalised within the micro-batch (a trainer accumulating k
+# micro-batches divides each by k), or by `num_items_in_batch`, the active tokens of the whole optimizer step.
+PER_MICRO_BATCH_LOSSES = ("grpo", "bnpo", "dr_grpo", "sapo", "luspo")
+PER_STEP_TOKEN_LOSSES = ("dapo", "cispo")
 
 
 @dataclass(frozen=True)

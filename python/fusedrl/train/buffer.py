@@ -9,7 +9,7 @@ new generation round when `s % (steps_per_generation * num_iterations) == 0`; it
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 MicroBatch = TypeVar("MicroBatch")
 
@@ -84,6 +84,12 @@ class GenerationBuffer(Generic[MicroBatch]):
         self.rounds_generated = rounds_generated
         self._stored = None if stored_round is None else list(stored_round)
 
-    def clear(self) -> None:
-        """Forget the stored round (e.g. after loading a checkpoint): the next call samples a new one."""
-        self._stored = None
+    def state_dict(self) -> dict[str, Any]:
+        """Position and, in the middle of a round, the stored micro-batches (needed to finish that round)."""
+        mid_round = self._stored is not None and self.micro_step % self.generate_every != 0
+        return {"micro_step": self.micro_step, "rounds_generated": self.rounds_generated,
+                "stored_round": list(self._stored) if mid_round else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.restore(micro_step=state["micro_step"], rounds_generated=state["rounds_generated"],
+                     stored_round=state["stored_round"])

@@ -8,7 +8,7 @@ from typing import Any
 
 from .checkpoint import CheckpointCallback
 from .config import GRPOConfig
-from .logging import MetricsLogger
+from .metrics_log import MetricsLogger
 
 
 def default_callbacks(args: GRPOConfig, resume_from: str | os.PathLike[str] | None = None) -> list[Any]:

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
+    from fusedrl.rollout.base import SamplingConfig
+
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -306,6 +308,14 @@ class GRPOConfig:
         """Distinct prompts in one rollout (generation_batch_size / num_generations)."""
         assert self.generation_batch_size is not None
         return self.generation_batch_size // self.num_generations
+
+    def sampling_config(self) -> SamplingConfig:
+        """The rollout engine's sampling settings of this run."""
+        from fusedrl.rollout.base import SamplingConfig
+
+        return SamplingConfig(max_new_tokens=self.max_completion_length, temperature=self.temperature,
+                              top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
+                              repetition_penalty=self.repetition_penalty)
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -86,6 +86,10 @@ class Precision:
             with torch.autocast(device_type=self.device_type, dtype=self.autocast_dtype):
                 yield
 
+    def backward(self, loss: torch.Tensor) -> None:
+        """loss.backward(), through the fp16 loss scaler when there is one."""
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
 
 def create_precision(args: Any, model: torch.nn.Module) -> Precision:
     """args.dtype ("bfloat16" / "float16" / "float32"), checked against the device of the trainable parameters."""

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from fusedrl.train.logging import MetricsLogger, read_metrics, to_float
+from fusedrl.train.metrics_log import MetricsLogger, read_metrics, to_float, window_statistic
 
 
 def step_metrics(step: int, reward: float) -> dict:
@@ -56,6 +56,23 @@ def test_jsonl_every_step_table_every_logging_steps(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
     assert records[0]["loss"] == 0.25 and records[0]["entropy"] is None
+
+
+def test_reward_names_containing_min_or_max_are_averaged(tmp_path):
+    # "terminal_answer_reward" contains "min": its column must still be the window's mean, not its minimum
+    out = io.StringIO()
+    logger = MetricsLogger(tmp_path, logging_steps=2, progress_bar=False, tensorboard=False, stream=out)
+    for step, value in [(1, 0.2), (2, 0.6)]:
+        logger.log({"step": step, "reward": value, "rewards/terminal_answer_reward/mean": value,
+                    "rewards/maximal_reward/mean": 1 - value, "clip_ratio/low_min": value})
+    titles, cells = ([c.strip() for c in line.split("|")] for line in out.getvalue().splitlines())
+    row = dict(zip(titles, cells))
+    assert row["terminal_answer"] == "0.400" and row["maximal"] == "0.600"
+    logger.close()
+    assert [window_statistic(k) for k in ("rewards/terminal_answer_reward/mean", "completions/max_length",
+                                          "clip_ratio/low_min", "clip_ratio/high_max", "sampling/x/max",
+                                          "memory/peak_gb", "rewards/max_reward/std")] == [
+        "mean", "max", "min", "max", "max", "max", "mean"]
 
 
 def test_resumed_run_later_records_win_and_torn_lines_are_skipped(tmp_path):

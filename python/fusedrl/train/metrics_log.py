@@ -4,8 +4,8 @@ MetricsLogger(output_dir, logging_steps=..., max_steps=...) is called with each 
 0-d tensors are fine), e.g. as the trainer's `on_log` hook:
   - every call appends one JSON line {"step", "time_s", **metrics} to output_dir/metrics.jsonl (non-finite numbers
     are written as null so the file stays valid JSON);
-  - every `logging_steps` steps it prints one table row averaging the window since the last row (max/peak keys take
-    the max): loss, reward mean±std in total and per reward function, fraction of zero-std groups, completion length
+  - every `logging_steps` steps it prints one table row averaging the window since the last row (maxima and minima
+    take the window's max and min, see window_statistic): loss, reward mean±std in total and per reward function, fraction of zero-std groups, completion length
     mean/max, truncated ratio, KL (when logged, i.e. beta > 0), clip ratios, entropy, learning rate, generation and
     training tokens/s, peak GPU memory (read from torch.cuda when the trainer does not log it);
   - log_samples(...) prints a few (prompt, completion, reward) samples and appends them to completions.jsonl;
@@ -74,10 +74,24 @@ def to_float(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def window_statistic(key: str) -> str:
+    """How a table row combines a metric over its window: "max", "min" or "mean", read from the metric's last
+    path component ("completions/max_length", "clip_ratio/low_min", ".../max"), never from a reward's name
+    ("rewards/terminal_answer_reward/mean" is a mean)."""
+    if key == PEAK_MEMORY_KEY:
+        return "max"
+    last = key.rsplit("/", 1)[-1]
+    for statistic in ("max", "min"):
+        if last == statistic or last.startswith(statistic + "_") or last.endswith("_" + statistic):
+            return statistic
+    return "mean"
+
+
 def _aggregate(key: str, values: list[float]) -> float:
-    if "max" in key or key == PEAK_MEMORY_KEY:
+    statistic = window_statistic(key)
+    if statistic == "max":
         return max(values)
-    if "min" in key:
+    if statistic == "min":
         return min(values)
     return sum(values) / len(values)
 

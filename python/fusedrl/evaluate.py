@@ -1,0 +1,101 @@
+"""`fusedrl eval`: greedy accuracy of a model (and adapter) on held-out GSM8K problems or one-digit sums."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from fusedrl.data.loading import build_dataset
+from fusedrl.demo import DEMO_TRAIN_PROBLEMS
+from fusedrl.model.offline import resolve_model_path
+from fusedrl.run_config import ConfigError
+
+
+def held_out_problems(limit: int, dataset: str) -> Any:
+    """Problems not used by the demo's training: the last `limit` of the seed-0 shuffle (offline), or GSM8K test."""
+    if dataset == "sums":
+        from fusedrl.data.sums import HELD_OUT, sums_dataset
+
+        if not 1 <= limit <= HELD_OUT:
+            raise ConfigError(f"--limit: expected 1..{HELD_OUT} held-out sums, got {limit}")
+        return sums_dataset("test", limit)
+    if dataset == "gsm8k-offline":
+        from fusedrl.data.gsm8k import load_offline_gsm8k
+
+        problems = load_offline_gsm8k(None, seed=0)
+        available = len(problems) - DEMO_TRAIN_PROBLEMS
+        if not 1 <= limit <= available:
+            raise ConfigError(f"--limit: expected 1..{available} held-out offline problems, got {limit}")
+        return problems.select(range(len(problems) - limit, len(problems)))
+    return build_dataset({"name": dataset, "split": "test", "limit": limit})
+
+
+def evaluate_greedy(
+    model: Any,
+    tokenizer: Any,
+    problems: Any,
+    max_new_tokens: int,
+    batch_size: int = 8,
+    dataset: str = "gsm8k",
+) -> tuple[float, list[dict[str, Any]]]:
+    """Fraction of problems whose greedy completion is right, and the samples. Right: correctness_reward > 0 (the
+    XML answer equals the truth), or for "sums" number_answer_reward == 1 (just the number)."""
+    import torch
+
+    from fusedrl.rewards import correctness_reward, number_answer_reward
+    from fusedrl.rollout import BuiltinEngine, SamplingConfig
+    from fusedrl.train.batching import tokenize_prompts
+
+    engine = BuiltinEngine(model, tokenizer)
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, greedy=True)
+    samples = []
+    model.eval()
+    for start in range(0, len(problems), batch_size):
+        rows = problems.select(range(start, min(start + batch_size, len(problems))))
+        prompt_ids = tokenize_prompts(tokenizer, list(rows["prompt"]), max_prompt_length=None)
+        with torch.no_grad():
+            out = engine.generate(prompt_ids, sampling)
+        lengths = out.completion_mask.sum(1).tolist()
+        texts = tokenizer.batch_decode(
+            [ids[:n].tolist() for ids, n in zip(out.completion_ids, lengths)],
+            skip_special_tokens=True,
+        )
+        if dataset == "sums":
+            scores = [s == 1.0 for s in number_answer_reward(rows["prompt"], texts, answer=list(rows["answer"]))]
+        else:
+            scores = correctness_reward(rows["prompt"], texts, answer=list(rows["answer"]))
+        samples += [
+            {"answer": a, "completion": t, "correct": bool(s and s > 0)}
+            for a, t, s in zip(rows["answer"], texts, scores)
+        ]
+    accuracy = sum(s["correct"] for s in samples) / max(len(samples), 1)
+    return accuracy, samples
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """`fusedrl eval`: load the model (and adapter), print a few completions and the accuracy."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fusedrl.model.export import load_lora
+
+    path = resolve_model_path(args.model)
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    if torch.cuda.is_available():
+        model = model.cuda()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if args.adapter is not None:
+        model = load_lora(model, args.adapter)
+    problems = held_out_problems(args.limit, args.dataset)
+    accuracy, samples = evaluate_greedy(model, tokenizer, problems, args.max_new_tokens, dataset=args.dataset)
+    for sample in samples[: args.show]:
+        print(f"--- answer {sample['answer']} ({'correct' if sample['correct'] else 'wrong'})\n{sample['completion']}")
+    print(
+        f"accuracy: {accuracy:.3f} ({sum(s['correct'] for s in samples)}/{len(samples)} greedy, "
+        f"max_new_tokens={args.max_new_tokens})"
+    )
+    return 0
