@@ -48,9 +48,9 @@ SUMS = Demo(
         "train": {
             "output_dir": "runs/fusedrl-demo",
             "max_steps": 20,
-            "learning_rate": 1e-3,
-            "num_generations": 8,
-            # 2 questions x 8 completions per step, in two micro-batches of 8: half the activation memory
+            "learning_rate": 2e-3,
+            "num_generations": 4,
+            # 4 questions x 4 completions per step, in two micro-batches of 8: half the activation memory
             "per_device_train_batch_size": 8,
             "gradient_accumulation_steps": 2,
             "max_completion_length": 8,
