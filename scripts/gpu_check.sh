@@ -184,6 +184,17 @@ else
   record bench "$(status_of $rc)" $((SECONDS - t0))
 fi
 
+# ---- 5b rollout bench (static decode loop vs transformers generate) -------------------------------------------
+if ((!NO_BENCH)) && [[ -f bench/bench_rollout.py ]]; then
+  t0=$SECONDS
+  limit="$(step_limit 240)"
+  ROLLOUT_ARGS=(--json "$OUT_DIR/bench_rollout.json" --time-budget $((limit > 90 ? limit - 60 : limit / 2)))
+  ((CPU)) && ROLLOUT_ARGS+=(--cpu-smoke)
+  run_logged "$limit" "$OUT_DIR/bench_rollout.log" $PY bench/bench_rollout.py "${ROLLOUT_ARGS[@]}"
+  rc=$?
+  record rollout "$(status_of $rc)" $((SECONDS - t0))
+fi
+
 # ---- 6 C++ microbenchmarks -------------------------------------------------------------------------------------
 t0=$SECONDS
 mapfile -t CPP_BENCHES < <(find build -maxdepth 4 -path '*/bench/cpp/*' -type f -executable ! -name '*.so' \

@@ -1,4 +1,10 @@
-"""The built-in rollout engine: batched sampling from the training model itself with transformers' `generate`.
+"""The built-in rollout engine: batched sampling from the training model itself.
+
+On CUDA (or with static_decode=True) supported decoders (Llama, Mistral, Qwen2/3, Gemma) run our static-cache
+decode loop with CUDA graphs (`static_decode.py`, same outputs and sampler log-probabilities); everything else,
+and every model on a CPU by default, runs transformers' `generate` as described below. The static loop draws its
+random numbers (one per row and step) directly from the given generator, so its samples are reproducible too but
+differ from `generate`'s for the same seed; greedy decoding gives the same tokens.
 
 Prompts are left-padded into one batch; `generate` samples with the KV cache (model in eval mode, so gradient
 checkpointing is off), stopping each row at its first EOS. The sampler's log-probability of each chosen token,
@@ -14,12 +20,16 @@ completions and the global RNG is left untouched.
 from __future__ import annotations
 
 import gc
+import logging
 
 import torch
 import transformers
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from fusedrl.rollout.base import RolloutOutput, SamplingConfig
+from fusedrl.rollout.static_decode import StaticDecodeLoop
+
+logger = logging.getLogger(__name__)
 
 
 class _ChosenTokenLogp(LogitsProcessor):
@@ -76,7 +86,16 @@ class BuiltinEngine:
 
     sampler_differs_from_trainer = False  # it samples from the training model itself
 
-    def __init__(self, model: torch.nn.Module, tokenizer: transformers.PreTrainedTokenizerBase) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: transformers.PreTrainedTokenizerBase,
+        static_decode: bool | None = None,
+        max_batch_size: int = 512,
+    ) -> None:
+        """static_decode: generate with our static-cache decode loop (`static_decode.StaticDecodeLoop`, CUDA graphs
+        on a GPU) instead of transformers' `generate`; None = on CUDA devices only (CPU keeps `generate`).
+        Unsupported models fall back to `generate` with a log line. max_batch_size: rows the loop decodes at once."""
         if not callable(getattr(model, "generate", None)):
             raise TypeError(f"model must be a transformers causal LM (with .generate), got {type(model).__name__}")
         self.model = model
@@ -89,6 +108,20 @@ class BuiltinEngine:
         self.eos_token_ids = eos_ids
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
         self._model_min_p = getattr(generation_defaults, "min_p", None)
+        self.static_decode = static_decode
+        self.static_loop = StaticDecodeLoop(model, eos_ids, self.pad_token_id, max_batch_size=max_batch_size)
+        self._fallback_reasons: set[str] = set()
+
+    def _uses_static_loop(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> bool:
+        wanted = self.device.type == "cuda" if self.static_decode is None else self.static_decode
+        if not wanted:
+            return False
+        reason = self.static_loop.unsupported_reason(max(len(p) for p in prompt_ids) + sampling.max_new_tokens)
+        if reason is not None and reason not in self._fallback_reasons:
+            self._fallback_reasons.add(reason)
+            logger.warning("BuiltinEngine: static decode loop not used (%s); falling back to transformers generate",
+                           reason)
+        return reason is None
 
     @property
     def device(self) -> torch.device:
@@ -166,6 +199,8 @@ class BuiltinEngine:
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         input_ids, attention_mask = self._left_pad(prompt_ids)
+        if self._uses_static_loop(prompt_ids, sampling):
+            return self._generate_static(prompt_ids, sampling, generator)
         prompt_length = input_ids.shape[1]
         recorder = _ChosenTokenLogp(prompt_length, sampling.temperature)
         device = self.device
@@ -193,6 +228,18 @@ class BuiltinEngine:
         sampling_logp = recorder.finish(completion_ids)
         return self._finalize(completion_ids, sampling_logp)
 
+    def _generate_static(
+        self, prompt_ids: list[list[int]], sampling: SamplingConfig, generator: torch.Generator | None
+    ) -> RolloutOutput:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                completion_ids, sampling_logp = self.static_loop.generate(prompt_ids, sampling, generator)
+        finally:
+            self.model.train(was_training)
+        return self._finalize(completion_ids, sampling_logp)
+
     def _finalize(self, completion_ids: torch.Tensor, sampling_logp: torch.Tensor) -> RolloutOutput:
         """Mask everything after the first EOS, pad it, zero its logp, flag rows without EOS as truncated."""
         count, length = completion_ids.shape
@@ -212,10 +259,13 @@ class BuiltinEngine:
         )
 
     def sleep(self) -> None:
-        """Free cached generation memory so training can use it (the CUDA caching allocator's; a CPU has none)."""
+        """Free the static loop's KV cache and graphs and the CUDA caching allocator's cached memory."""
+        self.static_loop.release()
         if torch.cuda.is_available():
             gc.collect()
             torch.cuda.empty_cache()
 
     def wake(self) -> None:
-        """Nothing to restore: the built-in engine generates from the live training model."""
+        """Re-allocate the static loop's KV cache at its last size (the weights are the live training model's)."""
+        if self.device.type == "cuda" and self.static_decode is not False:
+            self.static_loop.prepare()
