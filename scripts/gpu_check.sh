@@ -2,7 +2,8 @@
 # One-call build + test + bench of fusedrl on the GPU machine (the device tool's `run`, repo root as cwd).
 #
 #   bash scripts/gpu_check.sh [--quick] [--no-bench] [--no-tests] [--tests PATTERN] [--bench-args "ARGS"]
-#                             [--budget SECONDS] [--out DIR] [--cpu]
+#                             [--budget SECONDS] [--out DIR] [--cpu] [--step-bench] [--step-bench-args "ARGS"]
+#                             [--benches loss,nf4,rollout,step]   (default loss,nf4,rollout; step also by --step-bench)
 #
 # Steps, each under its own time limit inside a total budget (default 540 s), each reported even when an
 # earlier one failed:
@@ -13,6 +14,10 @@
 #   4 tests      python -m pytest tests -m "cuda or errors" -q -rfEs --continue-on-collection-errors [-k PATTERN]
 #   5 bench      bench/bench_grpo_loss.py [--quick] [ARGS] -> bench_grpo_loss.json (e.g. --bench-args
 #                "--shapes llama3.1-8b --n-tokens 16384 --modes frozen_token,logprob")
+#   5b bench_nf4 bench/bench_nf4.py -> bench_nf4.json, bench_nf4.log (NF4 + LoRA vs bitsandbytes + peft vs bf16)
+#   5c step_bench  (only with --step-bench / --step-bench-args) bench/bench_step.py [ARGS] -> bench_step.json:
+#                one whole GRPO step at long context, plain vs offloaded checkpointing vs a TRL-style step
+#   5d rollout   bench/bench_rollout.py -> bench_rollout.json (static-cache CUDA-graph decode vs transformers generate)
 #   6 cpp_bench  every executable the build left in build/*/bench/cpp
 #   7 summary    a short table printed last (the device tool returns the end of the output)
 # Files written to $OUT (at most 8 come back): build.log doctor.log tests.log tests.xml bench.log
@@ -23,13 +28,17 @@ export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
 
 QUICK=0 NO_BENCH=0 NO_TESTS=0 CPU=0 TEST_PATTERN="" EXTRA_BENCH_ARGS="" BUDGET=540 OUT_DIR="${OUT:-}"
+STEP_BENCH=0 STEP_BENCH_ARGS="" BENCHES="loss,nf4,rollout"
 while (($#)); do
   case "$1" in
     --quick) QUICK=1 ;;
     --no-bench) NO_BENCH=1 ;;
+    --benches) BENCHES="${2:?--benches needs a comma-separated list of loss,nf4,rollout,step}"; shift ;;
     --no-tests) NO_TESTS=1 ;;
     --bench-args) EXTRA_BENCH_ARGS="${2?--bench-args needs a quoted string of bench arguments}"; shift ;;
     --cpu) CPU=1 ;;
+    --step-bench) STEP_BENCH=1 ;;
+    --step-bench-args) STEP_BENCH=1; STEP_BENCH_ARGS="${2?--step-bench-args needs a quoted string}"; shift ;;
     --tests) TEST_PATTERN="${2:?--tests needs a pytest -k PATTERN}"; shift ;;
     --budget) BUDGET="${2:?--budget needs a number of seconds}"; shift ;;
     --out) OUT_DIR="${2:?--out needs a directory}"; shift ;;
@@ -169,8 +178,10 @@ fi
 
 # ---- 5 bench -----------------------------------------------------------------------------------------------
 BENCH_JSON="$OUT_DIR/bench_grpo_loss.json"
-if ((NO_BENCH)); then
-  record bench "skipped (--no-bench)" 0
+wants() { [[ ",$BENCHES," == *",$1,"* ]]; }  # wants NAME: NAME is in --benches
+wants step && STEP_BENCH=1
+if ((NO_BENCH)) || ! wants loss; then
+  record bench "skipped (--no-bench or not in --benches)" 0
 else
   t0=$SECONDS
   limit="$(step_limit 330)"
@@ -184,8 +195,20 @@ else
   record bench "$(status_of $rc)" $((SECONDS - t0))
 fi
 
-# ---- 5b rollout bench (static decode loop vs transformers generate) -------------------------------------------
-if ((!NO_BENCH)) && [[ -f bench/bench_rollout.py ]]; then
+# ---- 5b NF4 bench ------------------------------------------------------------------------------------------
+if ((!NO_BENCH)) && wants nf4 && [[ -f bench/bench_nf4.py ]]; then
+  t0=$SECONDS
+  limit="$(step_limit 240)"
+  NF4_ARGS=(--json "$OUT_DIR/bench_nf4.json" --time-budget $((limit > 60 ? limit - 40 : limit / 2)))
+  ((QUICK)) && NF4_ARGS+=(--models llama3.1-8b --tokens 1,8,4096)
+  ((CPU)) && NF4_ARGS=(--cpu-smoke --json "$OUT_DIR/bench_nf4.json")
+  run_logged "$limit" "$OUT_DIR/bench_nf4.log" $PY bench/bench_nf4.py "${NF4_ARGS[@]}"
+  rc=$?
+  record bench_nf4 "$(status_of $rc) $(grep -E '^targets:' "$OUT_DIR/bench_nf4.log" | tail -1)" $((SECONDS - t0))
+fi
+
+# ---- 5d rollout bench (static decode loop vs transformers generate) -------------------------------------------
+if ((!NO_BENCH)) && wants rollout && [[ -f bench/bench_rollout.py ]]; then
   t0=$SECONDS
   limit="$(step_limit 240)"
   ROLLOUT_ARGS=(--json "$OUT_DIR/bench_rollout.json" --time-budget $((limit > 90 ? limit - 60 : limit / 2)))
@@ -193,6 +216,20 @@ if ((!NO_BENCH)) && [[ -f bench/bench_rollout.py ]]; then
   run_logged "$limit" "$OUT_DIR/bench_rollout.log" $PY bench/bench_rollout.py "${ROLLOUT_ARGS[@]}"
   rc=$?
   record rollout "$(status_of $rc)" $((SECONDS - t0))
+fi
+
+# ---- 5c whole-step bench (opt-in) --------------------------------------------------------------------------
+if ((STEP_BENCH && !NO_BENCH)); then
+  t0=$SECONDS
+  limit="$(step_limit 330)"
+  STEP_ARGS=(--json "$OUT_DIR/bench_step.json" --time-budget $((limit > 90 ? limit - 60 : limit / 2)))
+  ((CPU)) && STEP_ARGS+=(--cpu-smoke)
+  read -r -a EXTRA <<<"$STEP_BENCH_ARGS"
+  STEP_ARGS+=("${EXTRA[@]}")
+  run_logged "$limit" "$OUT_DIR/bench_step.log" $PY bench/bench_step.py "${STEP_ARGS[@]}"
+  rc=$?
+  record step_bench "$(status_of $rc)" $((SECONDS - t0))
+  grep -E '^(target|plan vs)' "$OUT_DIR/bench_step.log" | head -12
 fi
 
 # ---- 6 C++ microbenchmarks -------------------------------------------------------------------------------------

@@ -10,6 +10,10 @@ PY=${PYTHON:-python3}
 # assets (the real SmolLM2-135M-Instruct and 100 GSM8K problems) and pytest: the README's install, plus --test.
 PYTHON=$PY bash scripts/install.sh --test || { echo "test.sh: installing failed"; exit 1; }
 # packages only some tests need (each test module importorskips them)
+# TRL 1.16.0 is the reference of tests/ops/test_trl_parity.py: pure Python, installed without its dependency
+# resolution (which could move torch); what its GRPOTrainer import needs is listed here.
+$PY -m pip install -q "accelerate>=1.10.1" pandas pyarrow psutil jinja2 pyyaml "huggingface_hub>=0.34" || exit 1
+$PY -m pip install -q --no-deps trl==1.16.0 || exit 1
 
 report=$(mktemp --suffix=.xml)
 $PY -m pytest -q -rs --junitxml="$report" "$@"

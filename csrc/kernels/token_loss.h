@@ -7,8 +7,10 @@
 //   cispo:  -sg(min(r, eps_high)) A logp                     -> -min(r, eps_high) A
 //   sapo:   -sigmoid(tau (r - 1)) 4 / tau A, tau by sign of A -> -4 A s (1 - s) r
 // following torch's derivative conventions (min of equal terms splits the gradient, clamp passes it at the
-// bounds). The token's loss is policy_weight * policy term + kl_weight * (exp(ref - logp) - (ref - logp) - 1),
+// bounds). The token's loss is policy_weight * policy term + kl_weight * k3, k3 = exp(ref - logp) - (ref - logp) - 1,
 // where the weights carry the loss type's normaliser, the completion mask, the sampler correction and beta.
+// With kl_ratio_weighted (TRL 1.16's use_bias_correction_kl) the KL term is kl_weight * k3 * r, whose derivative
+// is kl_weight * r * (1 - exp(ref - logp) + k3): r depends on logp even on-policy (r = exp(logp - sg(logp)) = 1).
 // The Python reference (fusedrl.ops.reference) is the ground truth these formulas are tested against.
 #pragma once
 
@@ -38,6 +40,7 @@ struct TokenLossParams {
   double delta = 0.0;                   // <= 0: no two-sided clipping
   double sapo_temperature_pos = 1.0;
   double sapo_temperature_neg = 1.05;
+  bool kl_ratio_weighted = false;       // KL term times r (TRL's use_bias_correction_kl)
 };
 
 template <typename Acc>
@@ -65,8 +68,10 @@ FUSEDRL_HD Acc token_loss_grad(const TokenLossParams& p, int64_t row, Acc logp) 
   }
   Acc grad = static_cast<const Acc*>(p.policy_weight)[row] * policy;
   if (p.ref_logp) {
-    const Acc ref = static_cast<const Acc*>(p.ref_logp)[row];
-    grad += static_cast<const Acc*>(p.kl_weight)[row] * (Acc(1) - exp(ref - logp));
+    const Acc d = static_cast<const Acc*>(p.ref_logp)[row] - logp;
+    const Acc e = exp(d);
+    const Acc kl_grad = p.kl_ratio_weighted ? r * (Acc(1) - e + (e - d - Acc(1))) : Acc(1) - e;
+    grad += static_cast<const Acc*>(p.kl_weight)[row] * kl_grad;
   }
   return grad;
 }

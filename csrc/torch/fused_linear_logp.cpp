@@ -204,7 +204,7 @@ TokenLossInputs token_loss_inputs(const std::optional<at::Tensor>& old_logp, con
                                   const std::optional<at::Tensor>& ref_logp, const at::Tensor& policy_weight,
                                   const at::Tensor& kl_weight, int64_t loss_kind, double epsilon_low,
                                   double epsilon_high, std::optional<double> delta, double sapo_temperature_pos,
-                                  double sapo_temperature_neg) {
+                                  double sapo_temperature_neg, bool kl_ratio_weighted) {
   TORCH_CHECK(loss_kind >= 0 && loss_kind <= 2, "fused_linear_token_loss: loss_kind must be 0 (clipped), 1 (cispo) "
               "or 2 (sapo), got ", loss_kind);
   TORCH_CHECK(!delta || *delta > 0.0, "fused_linear_token_loss: delta must be > 0 or None, got ", delta.value_or(0));
@@ -215,6 +215,7 @@ TokenLossInputs token_loss_inputs(const std::optional<at::Tensor>& old_logp, con
   inputs.scalars.delta = delta.value_or(0.0);
   inputs.scalars.sapo_temperature_pos = sapo_temperature_pos;
   inputs.scalars.sapo_temperature_neg = sapo_temperature_neg;
+  inputs.scalars.kl_ratio_weighted = kl_ratio_weighted;
   return inputs;
 }
 

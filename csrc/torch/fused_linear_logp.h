@@ -62,7 +62,7 @@ TokenLossInputs token_loss_inputs(const std::optional<at::Tensor>& old_logp, con
                                   const std::optional<at::Tensor>& ref_logp, const at::Tensor& policy_weight,
                                   const at::Tensor& kl_weight, int64_t loss_kind, double epsilon_low,
                                   double epsilon_high, std::optional<double> delta, double sapo_temperature_pos,
-                                  double sapo_temperature_neg);
+                                  double sapo_temperature_neg, bool kl_ratio_weighted);
 
 // The schemas' signatures bound to one backend; each device's registration is an instantiation. A backend is
 // constructed from `hidden` for the duration of one call (CUDA sets the device there).
@@ -92,13 +92,13 @@ struct BackendOps {
       const std::optional<at::Tensor>& old_logp, const at::Tensor& advantages,
       const std::optional<at::Tensor>& ref_logp, const at::Tensor& policy_weight, const at::Tensor& kl_weight,
       int64_t loss_kind, double epsilon_low, double epsilon_high, std::optional<double> delta,
-      double sapo_temperature_pos, double sapo_temperature_neg, std::array<bool, 3> output_mask,
-      std::optional<int64_t> chunk_size) {
+      double sapo_temperature_pos, double sapo_temperature_neg, bool kl_ratio_weighted,
+      std::array<bool, 3> output_mask, std::optional<int64_t> chunk_size) {
     Backend backend(hidden);
     return fused_linear_token_loss(
         hidden, weight, bias, targets, temperature, logit_softcap, return_entropy,
         token_loss_inputs(old_logp, advantages, ref_logp, policy_weight, kl_weight, loss_kind, epsilon_low,
-                          epsilon_high, delta, sapo_temperature_pos, sapo_temperature_neg),
+                          epsilon_high, delta, sapo_temperature_pos, sapo_temperature_neg, kl_ratio_weighted),
         output_mask, chunk_size, backend);
   }
 };

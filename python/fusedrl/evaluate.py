@@ -79,7 +79,10 @@ def run_eval(args: argparse.Namespace) -> int:
 
     from fusedrl.model.export import load_lora
 
+    from fusedrl.model.load import check_model_location
+
     path = resolve_model_path(args.model)
+    check_model_location(path)
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     if torch.cuda.is_available():

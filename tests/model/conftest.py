@@ -22,7 +22,8 @@ _COMMON = dict(
 
 
 def tiny_config(family: str, vocab_size: int, pad_token_id: int, eos_token_id: int) -> transformers.PretrainedConfig:
-    """A tiny config of `family` ("llama", "qwen2", "gemma2", "mistral") over `vocab_size` tokens."""
+    """A tiny config of `family` ("llama", "qwen2", "gemma2", "mistral", "cohere", "granite") over `vocab_size`
+    tokens; gemma2 softcaps its logits, cohere and granite scale them."""
     ids = dict(vocab_size=vocab_size, pad_token_id=pad_token_id, eos_token_id=eos_token_id, bos_token_id=1)
     if family == "llama":
         return transformers.LlamaConfig(**_COMMON, **ids, tie_word_embeddings=False)
@@ -40,6 +41,10 @@ def tiny_config(family: str, vocab_size: int, pad_token_id: int, eos_token_id: i
             sliding_window=4,
             query_pre_attn_scalar=12,
         )
+    if family == "cohere":  # logits * logit_scale
+        return transformers.CohereConfig(**_COMMON, **ids, logit_scale=0.25, tie_word_embeddings=True)
+    if family == "granite":  # logits / logits_scaling
+        return transformers.GraniteConfig(**_COMMON, **ids, logits_scaling=4.0, tie_word_embeddings=False)
     raise ValueError(f"unknown family {family!r}")
 
 

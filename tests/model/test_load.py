@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import peft
 import pytest
 import torch
@@ -79,12 +77,6 @@ def test_dtype_strings_and_max_seq_length(save_tiny_model):
         load_model(folder, dtype="float32", max_seq_length=8192)
 
 
-def test_4bit_without_cuda_raises_install_hint(save_tiny_model):
-    folder = save_tiny_model("llama")
-    with pytest.raises(RuntimeError, match=r"CUDA GPU.*pip install bitsandbytes"):
-        load_model(folder, load_in_4bit=True, device="cpu")
-
-
 @pytest.mark.parametrize(
     ("kwargs", "error", "argument"),
     [
@@ -136,28 +128,3 @@ def test_lora_config_to_peft():
     assert (config.r, config.lora_alpha, config.lora_dropout, config.bias) == (8, 16, 0.05, "none")
     assert set(config.target_modules) == {"q_proj", "v_proj"}
     assert LoraConfig(target_modules=["o_proj"]).target_modules == ("o_proj",)
-
-
-@pytest.mark.cuda
-@pytest.mark.skipif(
-    not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None,
-    reason="QLoRA needs a CUDA GPU and bitsandbytes",
-)
-def test_qlora_4bit_on_cuda(save_tiny_model):
-    import bitsandbytes
-
-    from fusedrl.model import forward_hidden
-
-    model, tokenizer = load_model(save_tiny_model("llama"), dtype="bf16", load_in_4bit=True, lora=LoraConfig(r=4))
-    quantized = [m for m in model.modules() if isinstance(m, bitsandbytes.nn.Linear4bit)]
-    assert quantized and all(m.weight.quant_type == "nf4" for m in quantized)
-    assert all(("lora_A" in n or "lora_B" in n) for n, p in model.named_parameters() if p.requires_grad)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.02)
-    batch = tokenizer(["what is 2+3 ?", "a b"], return_tensors="pt", padding=True).to("cuda")
-    hidden = forward_hidden(model, batch["input_ids"], batch["attention_mask"], 2)
-    hidden.float().square().mean().backward()
-    grads = [p.grad for n, p in model.named_parameters() if p.requires_grad]
-    assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)

@@ -89,11 +89,13 @@ def test_gradcheck(generator):
 def test_ineligible_configurations_use_the_generic_path():
     fp32 = torch.float32
     assert not eligible(LossOptions(importance_sampling_level="sequence"), old_logp=None, dtype=fp32)
-    assert not eligible(LossOptions(loss_type="luspo"), old_logp=None, dtype=fp32)
+    assert not eligible(LossOptions(loss_type="luspo", importance_sampling_level="sequence"), old_logp=None,
+                        dtype=fp32)
     assert not eligible(LossOptions(vllm_importance_sampling_correction=True), old_logp=None, dtype=fp32)
     assert not eligible(LossOptions(), old_logp=None, dtype=torch.float16)
     assert eligible(LossOptions(vllm_importance_sampling_correction=True), old_logp=torch.zeros(1), dtype=fp32)
     assert eligible(LossOptions(), old_logp=None, dtype=torch.bfloat16)
+    assert eligible(LossOptions(loss_type="luspo"), old_logp=None, dtype=fp32)  # token level: masked sum / B
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -107,7 +109,7 @@ def test_opcheck(device, generator):
     per_token = lambda: torch.rand(n, dtype=torch.float64, generator=g).to(device)  # noqa: E731
     torch.library.opcheck(torch.ops.fusedrl.fused_linear_token_loss.default,
                           (hidden, weight, bias, targets, 0.9, 4.0, True, per_token() - 2, per_token(), per_token() - 2,
-                           per_token(), per_token(), 0, 0.2, 0.28, 1.5, 1.0, 1.05, [True, True, True], 3))
+                           per_token(), per_token(), 0, 0.2, 0.28, 1.5, 1.0, 1.05, True, [True, True, True], 3))
 
 
 @pytest.mark.cuda

@@ -1,10 +1,10 @@
 """Gradient accumulation: k micro-batches accumulate to the gradient of one batch k times as large.
 
 Which loss types have that property (see fusedrl/train/loss_step.py):
-  dapo, cispo: exactly, because the trainer passes num_items_in_batch = active tokens of the whole step;
+  dapo, cispo: exactly, because the trainer passes num_items_in_batch = active tokens of the generation round
+      (x gradient_accumulation_steps / steps_per_generation, TRL's count): here the round is the step;
   grpo, sapo, dr_grpo, luspo: exactly, because each micro-batch loss is a mean over its (equally many) sequences and
-      the trainer divides by gradient_accumulation_steps (luspo with a per-token loss - token level or beta > 0 -
-      averages over every column, so the trainer keeps the generation batch's completion width for it);
+      the trainer divides by gradient_accumulation_steps;
   bnpo: only when every micro-batch has the same number of active tokens (it normalises by each micro-batch's own
       token count, as TRL does); with unequal counts the accumulated gradient differs, and a test shows it.
 """
@@ -28,7 +28,7 @@ def zero_reward(prompts, completions, **kwargs):
 
 def make_trainer(gas: int, micro: int, loss_type: str, seed: int = 0, **overrides) -> GRPOTrainer:
     tokenizer = tiny_word_tokenizer()
-    model = tiny_model_from_tokenizer(tokenizer, hidden=32, layers=2, seed=seed)
+    model = tiny_model_from_tokenizer(tokenizer, hidden=16, layers=1, seed=seed)
     values = dict(per_device_train_batch_size=micro, gradient_accumulation_steps=gas, num_generations=2,
                   max_completion_length=7, loss_type=loss_type, dtype="float32", gradient_checkpointing=False,
                   epsilon=0.1, epsilon_high=0.15, beta=0.02, vllm_importance_sampling_correction=False, max_steps=1)
@@ -57,6 +57,7 @@ def random_batch(rows: int, vocab: int, seed: int, *, equal_tokens: bool = False
         advantages=torch.randn(rows, generator=generator),
         old_logp=noise(),  # placeholders, replaced below by the policy's own logp plus noise
         ref_logp=noise(),
+        round_tokens=float(completion_mask.sum()),
     )
 
 
@@ -112,9 +113,9 @@ def test_dapo_uses_the_token_count_of_the_whole_step():
     halves = batch.split(2)
     total = batch.num_active_tokens
     trainer.optimizer.zero_grad(set_to_none=True)
-    per_half = [trainer.micro_batch_loss(half, total)[0] for half in halves]
-    own = [trainer.micro_batch_loss(half, half.num_active_tokens)[0] for half in halves]
-    whole = make_trainer(1, 8, "dapo").micro_batch_loss(batch, total)[0]
+    per_half = [trainer.micro_batch_loss(half.replace(round_tokens=total))[0] for half in halves]
+    own = [trainer.micro_batch_loss(half.replace(round_tokens=half.num_active_tokens))[0] for half in halves]
+    whole = make_trainer(1, 8, "dapo").micro_batch_loss(batch.replace(round_tokens=total))[0]
     torch.testing.assert_close(sum(per_half), whole, rtol=1e-5, atol=1e-7)
     for half, loss_total, loss_own in zip(halves, per_half, own):
         torch.testing.assert_close(loss_total * total, loss_own * half.num_active_tokens, rtol=1e-5, atol=1e-7)

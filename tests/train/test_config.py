@@ -24,7 +24,8 @@ def test_defaults_follow_trl() -> None:
     assert cfg.vllm_importance_sampling_clip_max == 3.0
     assert cfg.sapo_temperature_pos == 1.0 and cfg.sapo_temperature_neg == 1.05
     assert cfg.top_k == 0 and cfg.top_p == 1.0 and cfg.min_p is None
-    assert cfg.gradient_checkpointing is True and cfg.dtype == "bfloat16"
+    # (fusedrl) None: chosen by the memory plan, which picks TRL's True (plain checkpointing) whenever it fits.
+    assert cfg.gradient_checkpointing is None and cfg.mlp_chunk_tokens is None and cfg.dtype == "bfloat16"
     assert cfg.seed == 42 and cfg.max_grad_norm == 1.0
     assert cfg.steps_per_generation == 1 and cfg.generation_batch_size == 8
 
@@ -94,10 +95,25 @@ def test_epsilon_high_defaults_to_epsilon_only_when_unset() -> None:
     assert GRPOConfig(epsilon=0.2, epsilon_high=0.28).epsilon_high == 0.28
 
 
-def test_warmup_steps_take_precedence_over_ratio() -> None:
-    assert GRPOConfig(warmup_ratio=0.1).get_warmup_steps(95) == 10
-    assert GRPOConfig(warmup_ratio=0.1, warmup_steps=3).get_warmup_steps(95) == 3
+def test_warmup_as_in_transformers_5() -> None:
+    """warmup_steps >= 1 is a step count (int() of it), below 1 a fraction of the total steps rounded up, exactly as
+    transformers 5's TrainingArguments.get_warmup_steps; warmup_ratio is its deprecated alias."""
+    assert GRPOConfig(warmup_steps=3).get_warmup_steps(95) == 3
+    assert GRPOConfig(warmup_steps=2.5).get_warmup_steps(95) == 2
+    assert GRPOConfig(warmup_steps=0.1).get_warmup_steps(95) == 10
     assert GRPOConfig().get_warmup_steps(95) == 0
+    transformers = pytest.importorskip("transformers")
+    for value in (3, 2.5, 0.1, 0.05, 0):
+        reference = transformers.TrainingArguments(output_dir="unused", warmup_steps=value, report_to=[])
+        assert GRPOConfig(warmup_steps=value).get_warmup_steps(95) == reference.get_warmup_steps(95), value
+    with pytest.warns(FutureWarning, match="warmup_ratio is deprecated"):
+        config = GRPOConfig(warmup_ratio=0.1)
+    assert (config.warmup_steps, config.warmup_ratio, config.get_warmup_steps(95)) == (0.1, 0.0, 10)
+    assert GRPOConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="warmup_ratio .* and warmup_steps .* are both set"):
+        GRPOConfig(warmup_ratio=0.1, warmup_steps=3)
+    with pytest.raises(ValueError, match="warmup_steps must be >= 0"):
+        GRPOConfig(warmup_steps=-1)
 
 
 def test_dict_round_trip() -> None:
@@ -112,7 +128,7 @@ def test_dict_round_trip() -> None:
 def test_from_dict_unknown_key_suggests_close_match() -> None:
     with pytest.raises(ValueError, match=r"'num_generation'.*'num_generations'"):
         GRPOConfig.from_dict({"num_generation": 4})
-    with pytest.raises(ValueError, match="Unknown GRPOConfig field"):
+    with pytest.raises(ValueError, match="unknown GRPOConfig field"):
         GRPOConfig.from_dict({"completely_unrelated_xyz": 1})
 
 
@@ -136,3 +152,18 @@ reward_weights = [2.0, 0.5, 0.5]
 def test_luspo_with_token_level_warns() -> None:
     with pytest.warns(UserWarning, match="luspo"):
         GRPOConfig(loss_type="luspo")
+
+
+def test_gradient_checkpointing_accepts_offload_and_the_unsloth_alias() -> None:
+    assert GRPOConfig(gradient_checkpointing="offload").gradient_checkpointing == "offload"
+    assert GRPOConfig(gradient_checkpointing="unsloth").gradient_checkpointing == "offload"
+    assert GRPOConfig(gradient_checkpointing=False).gradient_checkpointing is False
+    assert GRPOConfig(mlp_chunk_tokens=0).mlp_chunk_tokens == 0
+
+
+@pytest.mark.errors
+def test_gradient_checkpointing_and_chunk_reject_bad_values() -> None:
+    with pytest.raises(ValueError, match="gradient_checkpointing must be True, False, 'offload'"):
+        GRPOConfig(gradient_checkpointing="cpu")
+    with pytest.raises(ValueError, match="mlp_chunk_tokens must be None"):
+        GRPOConfig(mlp_chunk_tokens=-1)

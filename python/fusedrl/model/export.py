@@ -2,7 +2,8 @@
 
 save_lora / load_lora      adapter_model.safetensors + adapter_config.json, loadable by peft and vLLM's LoRA path
 save_merged                merge_and_unload on a deep copy (the training model keeps its adapter), cast to
-                           bf16/fp16, written as a plain transformers folder (safetensors + config + tokenizer)
+                           bf16/fp16, written as a plain transformers folder (safetensors + config + tokenizer);
+                           4-bit NF4 layers are dequantized first (the merge happens in float32, rounded once)
 export_gguf                llama.cpp's GGUF for the Llama architecture: HF tensor names mapped with gguf's
                            TensorNameMap, q/k projections permuted to GGUF's rotary layout (as llama.cpp's
                            convert_hf_to_gguf does), byte-level BPE tokenizer metadata, weights in f16 or q8_0
@@ -62,12 +63,17 @@ def load_lora(
     is_trainable: bool = False,
 ):
     """Attach the adapter saved in `directory` to `base_model` (a transformers model); returns a peft.PeftModel."""
-    from peft import PeftModel
+    from peft import PeftConfig, PeftModel
 
     directory = Path(directory)
     if not (directory / "adapter_config.json").is_file():
         raise FileNotFoundError(f"directory: {directory} holds no adapter_config.json (expected a save_lora folder)")
-    return PeftModel.from_pretrained(base_model, str(directory), is_trainable=is_trainable)
+    config = PeftConfig.from_pretrained(str(directory))
+    if _holds_nf4(base_model):
+        from fusedrl.nn.nf4_lora import nf4_lora_config
+
+        config = nf4_lora_config(config, base_model)  # peft must be told how to wrap NF4Linear layers
+    return PeftModel.from_pretrained(base_model, str(directory), is_trainable=is_trainable, config=config)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -75,14 +81,26 @@ def load_lora(
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _holds_nf4(model: torch.nn.Module) -> bool:
+    from fusedrl.nn.nf4_linear import NF4Linear
+
+    return any(isinstance(module, NF4Linear) for module in model.modules())
+
+
 def merged_copy(model: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
     """A plain transformers model with the LoRA weights folded in; `model` itself is left untouched.
 
-    The merge is done in the model's own precision (fp32 stays fp32) before casting to `dtype`.
+    The merge is done in the model's own precision (fp32 stays fp32) before casting to `dtype`. NF4 layers are
+    dequantized: adapted ones by their LoRA layer's merge (float32, rounded once to the compute dtype), the others
+    (not targeted by LoRA) to the compute dtype, so the copy is a plain dense model.
     """
     clone = copy.deepcopy(model)
     if _is_peft_model(clone):
         clone = clone.merge_and_unload()
+    if _holds_nf4(clone):
+        from fusedrl.model.quantize import dequantize_nf4_layers
+
+        dequantize_nf4_layers(clone)
     if dtype is not None:
         clone = clone.to(dtype)
     clone.eval()
@@ -231,7 +249,7 @@ def _load_for_export(model_or_dir: Any, tokenizer: Any | None) -> tuple[torch.nn
         )
     if tokenizer is None:
         raise ValueError("tokenizer: required when model_or_dir is a model object (GGUF stores the vocabulary)")
-    model = merged_copy(model_or_dir) if _is_peft_model(model_or_dir) else model_or_dir
+    model = merged_copy(model_or_dir) if _is_peft_model(model_or_dir) or _holds_nf4(model_or_dir) else model_or_dir
     return model, tokenizer
 
 

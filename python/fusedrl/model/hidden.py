@@ -3,12 +3,15 @@
 `forward_hidden` runs only the decoder backbone (through peft wrappers, with gradient checkpointing and LoRA
 gradients intact) and returns the final-norm hidden states at the positions that predict the last
 `logits_to_keep` tokens: hidden (B, logits_to_keep, H), position t predicting token input_ids[:, -logits_to_keep + t].
-No logits are ever computed; `lm_head_of` gives the weight (V, H), optional bias (V,) and final-logit softcap that
-turn those hidden states into the model's logits: softcap * tanh((hidden @ weight.T + bias) / softcap).
+No logits are ever computed; `lm_head_of` gives the weight (V, H), optional bias (V,), logit scale s and final-logit
+softcap c that turn those hidden states into the model's logits: c * tanh(s * (hidden @ weight.T + bias) / c).
+`check_lm_head_reproduces_logits` compares that with the model's own forward once, so a model whose forward
+transforms its logits in a way not listed here is refused instead of trained on the wrong log-probabilities.
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -16,11 +19,30 @@ import transformers
 
 
 class LmHead(NamedTuple):
-    """The output projection of a causal LM: logits = hidden @ weight.T (+ bias), then the optional softcap."""
+    """The output projection of a causal LM: logits = softcap(logit_scale * (hidden @ weight.T (+ bias)))."""
 
     weight: torch.Tensor  # (V, H)
     bias: torch.Tensor | None  # (V,) or None
     logit_softcap: float | None
+    logit_scale: float = 1.0
+
+
+def logit_scale_of(config: transformers.PretrainedConfig) -> float:
+    """The factor a model's forward multiplies its lm-head output by (before any softcap), from its config.
+
+    Cohere / Cohere2 `logit_scale`; Muse Glimmer `output_multiplier`; Falcon-H1 `lm_head_multiplier`; Granite
+    family and MiniCPM3 divide by `logits_scaling` (MiniCPM3 divides the hidden states, the same for a bias-free
+    head); HyperCLOVA X multiplies by it. The same list as TRL 1.16's fused lm-head.
+    """
+    text_config = config.get_text_config()
+    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+        value = getattr(text_config, name, None)
+        if value is not None:
+            return float(value)
+    scaling = getattr(text_config, "logits_scaling", None)
+    if scaling is not None:
+        return float(scaling) if text_config.model_type == "hyperclovax" else 1.0 / float(scaling)
+    return 1.0
 
 
 def _causal_lm_of(model: torch.nn.Module) -> transformers.PreTrainedModel:
@@ -110,9 +132,57 @@ def lm_head_of(model: torch.nn.Module) -> LmHead:
     output_embeddings = causal_lm.get_output_embeddings()
     if output_embeddings is None or getattr(output_embeddings, "weight", None) is None:
         raise TypeError(f"{type(causal_lm).__name__} has no output embeddings (lm-head)")
-    # A LoRA-wrapped lm-head (peft modules_to_save / targeted) exposes the base layer's weight.
-    base_layer = getattr(output_embeddings, "base_layer", output_embeddings)
-    weight = base_layer.weight
-    bias = getattr(base_layer, "bias", None)
+    if hasattr(output_embeddings, "base_layer"):
+        # A peft adapter (e.g. LoRA) on the lm-head: the fused op reads the weight matrix directly, so the adapter
+        # would be ignored and never trained (TRL 1.16 refuses this too).
+        raise ValueError(
+            f"a peft adapter wraps the lm-head of {type(causal_lm).__name__} ({type(output_embeddings).__name__}); "
+            "fusedrl's fused lm-head op reads lm_head.weight directly, so the adapter would never be trained. "
+            "Remove 'lm_head' from the LoRA target_modules, or train the whole head with modules_to_save=['lm_head']."
+        )
+    # peft's modules_to_save wrapper exposes the active (trainable) copy's weight.
+    weight = output_embeddings.weight
+    bias = getattr(output_embeddings, "bias", None)
     softcap = getattr(causal_lm.config.get_text_config(), "final_logit_softcapping", None)
-    return LmHead(weight=weight, bias=bias, logit_softcap=float(softcap) if softcap else None)
+    scale = logit_scale_of(causal_lm.config)
+    if not (scale > 0 and math.isfinite(scale)):
+        raise ValueError(f"{type(causal_lm).__name__} multiplies its logits by {scale} (from its config); fusedrl's "
+                         "fused lm-head supports positive finite logit scales only")
+    return LmHead(weight=weight, bias=bias, logit_softcap=float(softcap) if softcap else None, logit_scale=scale)
+
+
+@torch.no_grad()
+def check_lm_head_reproduces_logits(model: torch.nn.Module, *, tokens: int = 6) -> None:
+    """Raise ValueError unless `forward_hidden` + `lm_head_of` give the model's own log-probabilities.
+
+    Runs the model's full forward once on `tokens` fixed ids and compares log_softmax of its logits with the
+    logits rebuilt from the hidden states, in float32 (tolerance: the model dtype's rounding of the logits).
+    """
+    causal_lm = _causal_lm_of(model)
+    head = lm_head_of(model)
+    device = head.weight.device
+    vocab = head.weight.shape[0]
+    input_ids = (torch.arange(tokens, device=device) * 7919 % vocab).unsqueeze(0)
+    attention_mask = torch.ones_like(input_ids)
+    was_training = model.training
+    model.eval()
+    try:
+        own = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1].float()
+        hidden = forward_hidden(model, input_ids, attention_mask, tokens - 1)
+    finally:
+        model.train(was_training)
+    rebuilt = (hidden @ head.weight.T + (0 if head.bias is None else head.bias)).float() * head.logit_scale
+    if head.logit_softcap is not None:
+        rebuilt = head.logit_softcap * torch.tanh(rebuilt / head.logit_softcap)
+    own_logp, rebuilt_logp = torch.log_softmax(own, -1), torch.log_softmax(rebuilt, -1)
+    eps = torch.finfo(head.weight.dtype).eps if head.weight.dtype.is_floating_point else 1e-3
+    tolerance = 8 * eps * (1.0 + own.abs().max().item())
+    error = (own_logp - rebuilt_logp).abs().max().item()
+    if not error <= tolerance:
+        raise ValueError(
+            f"{type(causal_lm).__name__}'s forward transforms its logits in a way fusedrl does not reproduce "
+            f"(log-probabilities differ by {error:.3g} > {tolerance:.3g}): fusedrl applies the lm-head, the logit "
+            "scales named by logit_scale / output_multiplier / lm_head_multiplier / logits_scaling and "
+            "final_logit_softcapping. Training it would use wrong log-probabilities; please open an issue naming "
+            "the architecture."
+        )

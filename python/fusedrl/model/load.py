@@ -1,15 +1,15 @@
 """Load a Hugging Face causal LM and its tokenizer ready for GRPO training.
 
-`load_model` loads any transformers causal LM (Llama, Qwen2/3, Mistral, Gemma families), in 16/32-bit or, on CUDA,
-4-bit NF4 through bitsandbytes (QLoRA); makes the tokenizer generation-ready (pad token, left padding); attaches
-LoRA adapters with peft so only the adapters train (base weights, embeddings and lm-head frozen); and turns on
-non-reentrant gradient checkpointing.
+`load_model` loads any transformers causal LM (Llama, Qwen2/3, Mistral, Gemma families), in 16/32-bit or 4-bit
+NF4 (QLoRA, on CPU and CUDA, fusedrl's own NF4 layers: no bitsandbytes needed, see `fusedrl.model.quantize`);
+makes the tokenizer generation-ready (pad token, left padding); attaches LoRA adapters with peft so only the
+adapters train (base weights, embeddings and lm-head frozen); and turns on non-reentrant gradient checkpointing.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
+import re
 import warnings
 
 import peft
@@ -17,6 +17,8 @@ import torch
 import transformers
 
 from fusedrl.model.lora import LoraConfig
+from fusedrl.model.quantize import bnb_4bit_settings, load_prequantized, quantize_linear_layers
+from fusedrl.nn.nf4_lora import nf4_lora_config
 
 _DTYPE_NAMES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
@@ -28,12 +30,6 @@ _DTYPE_NAMES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
     "float": torch.float32,
 }
-
-_QLORA_INSTALL_HINT = (
-    "load_in_4bit=True needs a CUDA GPU and the bitsandbytes package (`pip install bitsandbytes`); "
-    "fusedrl's own NF4 op will replace bitsandbytes here once it lands"
-)
-
 
 DEFAULT_LORA = LoraConfig()  # r=16, lora_alpha=32, all linear layers
 
@@ -67,13 +63,6 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
     return resolved
 
 
-def _check_4bit_available(device: torch.device) -> None:
-    if device.type != "cuda" or not torch.cuda.is_available():
-        raise RuntimeError(f"{_QLORA_INSTALL_HINT} (device is {device})")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise RuntimeError(f"{_QLORA_INSTALL_HINT} (bitsandbytes is not installed)")
-
-
 def _prepare_tokenizer(
     tokenizer: transformers.PreTrainedTokenizerBase, max_seq_length: int
 ) -> transformers.PreTrainedTokenizerBase:
@@ -102,6 +91,22 @@ def enable_activation_checkpointing(model: transformers.PreTrainedModel) -> None
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def check_model_location(name_or_path: str | os.PathLike[str]) -> None:
+    """FileNotFoundError for a path that does not exist and cannot be a Hub id ("org/name")."""
+    text = str(name_or_path)
+    if os.path.exists(text):
+        if not os.path.isdir(text):
+            raise FileNotFoundError(f"name_or_path: {text} is a file; expected a model folder or a Hub id")
+        return
+    looks_like_path = isinstance(name_or_path, os.PathLike) or text.startswith(("/", ".", "~")) or "\\" in text
+    if looks_like_path or not _HUB_ID.match(text) or ".." in text or "--" in text:
+        raise FileNotFoundError(f"name_or_path: {text} does not exist; expected a model folder, a Hub id such as "
+                                "'HuggingFaceTB/SmolLM2-135M-Instruct', or 'smollm2-offline' (the CLI's demo model)")
+
+
 def load_model(
     name_or_path: str | os.PathLike[str],
     *,
@@ -112,6 +117,8 @@ def load_model(
     gradient_checkpointing: bool = True,
     device: torch.device | str | None = None,
     trust_remote_code: bool = False,
+    fast_inference: bool = False,
+    gpu_memory_utilization: float | None = None,
 ) -> tuple[torch.nn.Module, transformers.PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer for GRPO training.
 
@@ -119,9 +126,18 @@ def load_model(
     (everything else frozen; adapter weights are float32 over a 16-bit base, peft's default), else the plain
     transformers model with all parameters trainable. The tokenizer pads on the left and has a pad token (eos when
     it had none). `max_seq_length` becomes the tokenizer's `model_max_length`; a warning is given when it exceeds
-    the model's `max_position_embeddings`. `device` defaults to cuda when available, else cpu. With
-    `load_in_4bit` (CUDA + bitsandbytes only) the linear weights are NF4 with double quantization, computing in
-    `dtype`, and peft's `prepare_model_for_kbit_training` upcasts the remaining weights to float32.
+    the model's `max_position_embeddings`. `device` defaults to cuda when available, else cpu.
+
+    With `load_in_4bit` every linear layer but the lm-head becomes an `NF4Linear` (NF4, blocksize 64,
+    double-quantized statistics: bitsandbytes' bytes), quantized on `device` one layer at a time, on CPU or CUDA,
+    without bitsandbytes; embeddings, lm-head and norms stay in `dtype` (no float32 upcast). A checkpoint saved by
+    bitsandbytes in 4-bit NF4 (`quantization_config` with `load_in_4bit`, `bnb_4bit_quant_type="nf4"`) is read as
+    it is, without bitsandbytes, and needs `load_in_4bit=True`. LoRA over NF4 layers runs the fused NF4 LoRA op.
+
+    `fast_inference=True` (Unsloth's name; needs vLLM, LoRA, no 4-bit) first starts an in-process vLLM engine with
+    `max_seq_length` as its max_model_len, then builds the training model from views of vLLM's weights (one copy)
+    and attaches the engine as `model.vllm_engine` for `GRPOConfig(use_vllm=True)`. `gpu_memory_utilization` is
+    vLLM's share of the GPU (None: chosen from the model size, the LoRA state and the card; unused on CPU).
     """
     if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path):
         raise ValueError(f"name_or_path must be a Hub model id or a local folder, got {name_or_path!r}")
@@ -135,41 +151,52 @@ def load_model(
     if not isinstance(gradient_checkpointing, bool):
         raise TypeError(f"gradient_checkpointing must be a bool, got {gradient_checkpointing!r}")
     target_device = resolve_device(device)
+    if not isinstance(fast_inference, bool):
+        raise TypeError(f"fast_inference must be a bool, got {fast_inference!r}")
+    if fast_inference and load_in_4bit:
+        raise ValueError("fast_inference=True with load_in_4bit=True is not supported yet: load 16-bit weights")
     if load_in_4bit:
-        _check_4bit_available(target_device)
         if lora is None:
             raise ValueError("load_in_4bit=True needs lora=LoraConfig(...): 4-bit base weights cannot be trained")
 
-    tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    check_model_location(name_or_path)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except OSError as error:  # neither a folder here nor a model the Hub (or its offline cache) has
+        raise FileNotFoundError(
+            f"name_or_path: {str(name_or_path)!r} is neither a local model folder nor a Hub model available here "
+            f"({' '.join(str(error).split())[:160]})") from error
     tokenizer = _prepare_tokenizer(tokenizer, max_seq_length)
+    if fast_inference:
+        from fusedrl.model.fast_inference import load_fast_inference_model
 
-    if load_in_4bit:
-        quantization = transformers.BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch_dtype,
+        model = load_fast_inference_model(
+            name_or_path, tokenizer, dtype=torch_dtype, max_seq_length=max_seq_length, lora=lora,
+            gradient_checkpointing=gradient_checkpointing, device=target_device,
+            trust_remote_code=trust_remote_code, gpu_memory_utilization=gpu_memory_utilization,
         )
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            name_or_path,
-            dtype=torch_dtype,
-            quantization_config=quantization,
-            device_map={"": str(target_device)},
-            trust_remote_code=trust_remote_code,
+        return model, tokenizer
+
+    config = transformers.AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    prequantized = bnb_4bit_settings(config) is not None
+    if prequantized and not load_in_4bit:
+        raise ValueError(
+            f"{name_or_path} is a bitsandbytes 4-bit NF4 checkpoint: pass load_in_4bit=True (with a LoRA config)"
         )
-        # peft upcasts every non-4-bit parameter (norms, embeddings, lm-head) to float32 here.
-        model = peft.prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
+    if prequantized:
+        model = load_prequantized(
+            name_or_path, config, dtype=torch_dtype, device=target_device, trust_remote_code=trust_remote_code
         )
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(
             name_or_path, dtype=torch_dtype, trust_remote_code=trust_remote_code
         )
+        if load_in_4bit:
+            # Quantized on the target device one layer at a time; the rest follows in `dtype`.
+            quantize_linear_layers(model, device=target_device, compute_dtype=torch_dtype)
         model.to(target_device)
-        if gradient_checkpointing:
-            enable_activation_checkpointing(model)
+    if gradient_checkpointing:
+        enable_activation_checkpointing(model)
 
     max_positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     if max_positions is not None and max_seq_length > max_positions:
@@ -183,6 +210,9 @@ def load_model(
         model.config.use_cache = False
 
     if lora is not None:
-        model = peft.get_peft_model(model, lora.to_peft())
+        peft_config = lora.to_peft()
+        if load_in_4bit:
+            peft_config = nf4_lora_config(peft_config, model)
+        model = peft.get_peft_model(model, peft_config)
     model.train()
     return model, tokenizer

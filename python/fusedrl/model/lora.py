@@ -7,10 +7,13 @@ targeted: "all-linear" in peft already leaves the output layer out, and explicit
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import peft
+
+from fusedrl.config_fields import check_known_fields
 
 # Module names that must stay frozen: the fused loss reads the lm-head weight as a frozen matrix.
 _FROZEN_MODULE_NAMES = frozenset({"lm_head", "embed_tokens", "embed_out", "wte", "word_embeddings"})
@@ -60,6 +63,12 @@ class LoraConfig:
                     "fusedrl keeps them frozen"
                 )
             object.__setattr__(self, "target_modules", tuple(names))  # frozen: stored as a tuple
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> LoraConfig:
+        """A LoraConfig from a dict (e.g. a TOML [lora] table); unknown keys raise ValueError naming close matches."""
+        check_known_fields("LoraConfig", values, (f.name for f in dataclasses.fields(cls)))
+        return cls(**values)
 
     def to_peft(self) -> peft.LoraConfig:
         """The equivalent `peft.LoraConfig` for a causal LM."""

@@ -21,7 +21,8 @@ class GRPOLossOutput(NamedTuple):
     loss: torch.Tensor                # scalar
     logp: torch.Tensor                # (B, T) float32 (float64 for float64 inputs); reusable as old logp
     entropy: torch.Tensor | None      # (B, T) when return_entropy
-    metrics: dict[str, torch.Tensor]  # 0-d tensors: kl, entropy, clip_ratio/*, is_ratio/*, sampling_is_ratio/*
+    metrics: dict[str, torch.Tensor]  # 0-d tensors, TRL names: kl, entropy, clip_ratio/*, cispo_clip_ratio, is_ratio/*,
+                                      # sampling/importance_sampling_ratio/*
 
 
 def grpo_loss(
@@ -41,6 +42,7 @@ def grpo_loss(
     epsilon_high: float | None = None,
     delta: float | None = None,
     beta: float = 0.0,
+    use_bias_correction_kl: bool = True,
     temperature: float = 1.0,
     max_completion_length: int | None = None,
     num_items_in_batch: torch.Tensor | float | None = None,
@@ -49,12 +51,17 @@ def grpo_loss(
     vllm_importance_sampling_clip_min: float | None = None,
     vllm_importance_sampling_clip_max: float | None = 3.0,
     logit_softcap: float | None = None,
+    logit_scale: float = 1.0,
     return_entropy: bool = False,
     sapo_temperature_pos: float = 1.0,
     sapo_temperature_neg: float = 1.05,
     chunk_size: int | None = None,
 ) -> GRPOLossOutput:
-    """GRPO-family loss of one micro-batch, matching TRL's GRPOTrainer for the same options.
+    """GRPO-family loss of one micro-batch, matching TRL 1.16's GRPOTrainer._compute_loss for the same options.
+
+    The logits are softcap(logit_scale * (hidden @ W^T + b)) / temperature, TRL's fused lm-head order (logit_scale:
+    Cohere's `logit_scale`, 1 / Granite's `logits_scaling`; softcap: `final_logit_softcapping`).
+    use_bias_correction_kl (TRL 1.16's default True) weights the k3 KL of each token by its importance ratio.
 
     grpo / sapo / bnpo / dr_grpo / luspo are normalised within this micro-batch (divide by the number of
     accumulation steps yourself); dapo / cispo divide by `num_items_in_batch`, the active-token count of the
@@ -62,13 +69,37 @@ def grpo_loss(
     """
     opts = LossOptions(
         loss_type=loss_type, importance_sampling_level=importance_sampling_level, epsilon=epsilon,
-        epsilon_high=epsilon_high, delta=delta, beta=beta, temperature=temperature,
+        epsilon_high=epsilon_high, delta=delta, beta=beta, use_bias_correction_kl=use_bias_correction_kl,
+        temperature=temperature,
         max_completion_length=max_completion_length,
         vllm_importance_sampling_correction=vllm_importance_sampling_correction,
         vllm_importance_sampling_mode=vllm_importance_sampling_mode,
         vllm_importance_sampling_clip_min=vllm_importance_sampling_clip_min,
         vllm_importance_sampling_clip_max=vllm_importance_sampling_clip_max, logit_softcap=logit_softcap,
-        sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg)
+        logit_scale=logit_scale, sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg)
+    return grpo_loss_with_options(hidden, lm_head_weight, completion_ids, completion_mask, advantages, opts,
+                                  lm_head_bias=lm_head_bias, old_logp=old_logp, ref_logp=ref_logp,
+                                  sampling_logp=sampling_logp, num_items_in_batch=num_items_in_batch,
+                                  return_entropy=return_entropy, chunk_size=chunk_size)
+
+
+def grpo_loss_with_options(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    advantages: torch.Tensor,
+    opts: LossOptions,
+    *,
+    lm_head_bias: torch.Tensor | None = None,
+    old_logp: torch.Tensor | None = None,
+    ref_logp: torch.Tensor | None = None,
+    sampling_logp: torch.Tensor | None = None,
+    num_items_in_batch: torch.Tensor | float | None = None,
+    return_entropy: bool = False,
+    chunk_size: int | None = None,
+) -> GRPOLossOutput:
+    """grpo_loss with its loss options in one LossOptions (e.g. GRPOConfig.loss_options())."""
     check_loss_inputs(hidden, lm_head_weight, completion_ids, completion_mask, advantages, old_logp=old_logp,
                       ref_logp=ref_logp, sampling_logp=sampling_logp, opts=opts)
     head_trainable = torch.is_grad_enabled() and (
@@ -80,7 +111,7 @@ def grpo_loss(
             return_entropy=return_entropy, chunk_size=chunk_size))
     batch, width, size = hidden.shape
     logp, entropy = linear_logp(hidden.reshape(batch * width, size), lm_head_weight, completion_ids.reshape(-1),
-                                lm_head_bias, temperature=temperature, logit_softcap=logit_softcap,
+                                lm_head_bias, temperature=opts.head_temperature, logit_softcap=opts.head_softcap,
                                 return_entropy=return_entropy, chunk_size=chunk_size)
     logp = logp.view(batch, width)
     entropy = entropy.view(batch, width) if entropy is not None else None
@@ -98,16 +129,16 @@ def selective_logp(
     lm_head_bias: torch.Tensor | None = None,
     temperature: float = 1.0,
     logit_softcap: float | None = None,
+    logit_scale: float = 1.0,
     return_entropy: bool = False,
     chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token logp (B, T) (and entropy) without gradient: old-policy and reference log-probabilities."""
     _check_hidden_and_ids(hidden, lm_head_weight, completion_ids)
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    opts = LossOptions(temperature=temperature, logit_softcap=logit_softcap, logit_scale=logit_scale)
     batch, width, size = hidden.shape
     logp, entropy = linear_logp(hidden.reshape(batch * width, size), lm_head_weight, completion_ids.reshape(-1),
-                                lm_head_bias, temperature=temperature, logit_softcap=logit_softcap,
+                                lm_head_bias, temperature=opts.head_temperature, logit_softcap=opts.head_softcap,
                                 return_entropy=return_entropy, chunk_size=chunk_size)
     return logp.view(batch, width), (entropy.view(batch, width) if entropy is not None else None)
 

@@ -23,6 +23,7 @@ class LossOptions:
     epsilon_high: float | None = None
     delta: float | None = None
     beta: float = 0.0
+    use_bias_correction_kl: bool = True
     temperature: float = 1.0
     max_completion_length: int | None = None
     vllm_importance_sampling_correction: bool = False
@@ -30,6 +31,7 @@ class LossOptions:
     vllm_importance_sampling_clip_min: float | None = None
     vllm_importance_sampling_clip_max: float | None = 3.0
     logit_softcap: float | None = None
+    logit_scale: float = 1.0
     sapo_temperature_pos: float = 1.0
     sapo_temperature_neg: float = 1.05
 
@@ -51,9 +53,22 @@ class LossOptions:
             raise ValueError(f"max_completion_length must be >= 1 or None, got {self.max_completion_length}")
         if self.logit_softcap is not None and not self.logit_softcap > 0:
             raise ValueError(f"logit_softcap must be > 0 or None, got {self.logit_softcap}")
+        if not (self.logit_scale > 0 and self.logit_scale < float("inf")):
+            raise ValueError(f"logit_scale must be a finite number > 0, got {self.logit_scale}")
         if self.sapo_temperature_pos <= 0 or self.sapo_temperature_neg <= 0:
             raise ValueError("sapo_temperature_pos and sapo_temperature_neg must be > 0, got "
                              f"{self.sapo_temperature_pos} and {self.sapo_temperature_neg}")
+
+    @property
+    def head_temperature(self) -> float:
+        """The temperature the lm-head op applies: logit_scale folded in (z = softcap(s * raw) / T)."""
+        return self.temperature / self.logit_scale
+
+    @property
+    def head_softcap(self) -> float | None:
+        """The softcap the lm-head op applies to raw logits, logit_scale folded in:
+        c tanh(s x / c) = s c' tanh(x / c') with c' = c / s."""
+        return None if self.logit_softcap is None else self.logit_softcap / self.logit_scale
 
     @property
     def epsilon_low(self) -> float:

@@ -49,6 +49,8 @@ def policy_loss(
     if opts.beta != 0.0:
         delta = ref_logp.to(dtype) - logp
         kl = torch.where(active, torch.exp(delta) - delta - 1.0, 0.0)
+        if opts.use_bias_correction_kl:  # TRL 1.16's default: the k3 estimate weighted by the importance ratio
+            kl = kl * ratio
         per_token = per_token + opts.beta * kl
 
     loss = _normalise(per_token, active, mask, opts, num_items_in_batch)
@@ -74,7 +76,9 @@ def _surrogate(ratio, adv, logp, opts: LossOptions):
 
 def sampler_correction(old, sampling_logp, mask, opts: LossOptions):
     """Weight correcting for the sampler (e.g. vLLM) disagreeing with the trainer; no gradient."""
-    diff = (old - sampling_logp) * mask
+    # A sampler logp the sampler could not give (NaN), or any value at a padded position, means "no correction":
+    # a zero difference, as TRL's nan_to_num.
+    diff = torch.nan_to_num((old - sampling_logp) * mask, nan=0.0)
     if opts.vllm_importance_sampling_mode.startswith("sequence"):
         diff = diff.sum(-1, keepdim=True)
     weight = torch.exp(diff)
@@ -93,10 +97,9 @@ def _normalise(per_token, active, mask, opts: LossOptions, num_items_in_batch):
     batch, width = mask.shape
     masked = torch.where(active, per_token, 0.0)
     if opts.loss_type == "luspo":
-        # Each sequence's loss weighted by its length, as TRL. Where the per-token loss is (B, T) (token level or
-        # beta > 0) TRL also sums padded positions; they are excluded here.
-        lengths = mask.sum(1, keepdim=True)
-        return (per_token * lengths).mean() if per_token.shape[-1] == 1 else (masked * lengths).mean()
+        # TRL 1.16: the masked sum of each sequence (a (B, 1) sequence-level loss counts once per active token,
+        # i.e. weighted by the length), then the mean over sequences.
+        return masked.sum(-1).mean()
     if opts.loss_type in ("grpo", "sapo"):
         return (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
     if opts.loss_type == "bnpo":
@@ -111,12 +114,20 @@ def _normalise(per_token, active, mask, opts: LossOptions, num_items_in_batch):
 
 
 def _metrics(ratio, clip_ratio_source, adv, active, mask, opts: LossOptions, kl, entropy, sampler_weight):
+    """TRL 1.16's metric names and definitions for the same quantities; `is_ratio/*` is fusedrl's own."""
     count = mask.sum().clamp(min=1.0)
 
     def masked_mean(x, per_sequence=False):
         if per_sequence and x.shape[-1] == 1:  # one value per sequence (sequence-level importance sampling)
             return x.mean()
         return torch.where(active, x, 0.0).sum() / count
+
+    def per_sequence_means(x):
+        """(B,) mean over each sequence's active tokens; NaN for a sequence without any (TRL's masked_seq_mean)."""
+        if x.shape[-1] == 1:
+            return x.squeeze(-1)
+        lengths = mask.sum(-1)
+        return torch.where(lengths > 0, torch.where(active, x, 0.0).sum(-1) / lengths.clamp(min=1.0), torch.nan)
 
     sequence_level = opts.importance_sampling_level == "sequence"
 
@@ -126,32 +137,45 @@ def _metrics(ratio, clip_ratio_source, adv, active, mask, opts: LossOptions, kl,
     if entropy is not None:
         metrics["entropy"] = masked_mean(entropy.to(mask.dtype))
     if opts.loss_type in PPO_CLIPPED_LOSS_TYPES:
-        low = (clip_ratio_source < 1.0 - opts.epsilon_low) & (adv < 0)
-        high = (clip_ratio_source > 1.0 + opts.epsilon_upper) & (adv > 0)
-        metrics["clip_ratio/low_mean"] = masked_mean(low.to(mask.dtype), sequence_level)
-        metrics["clip_ratio/high_mean"] = masked_mean(high.to(mask.dtype), sequence_level)
-        metrics["clip_ratio/region_mean"] = masked_mean((low | high).to(mask.dtype), sequence_level)
+        low = ((clip_ratio_source < 1.0 - opts.epsilon_low) & (adv < 0)).to(mask.dtype)
+        high = ((clip_ratio_source > 1.0 + opts.epsilon_upper) & (adv > 0)).to(mask.dtype)
+        metrics["clip_ratio/low_mean"] = masked_mean(low, sequence_level)
+        metrics["clip_ratio/high_mean"] = masked_mean(high, sequence_level)
+        metrics["clip_ratio/region_mean"] = masked_mean(torch.maximum(low, high), sequence_level)
+        metrics["clip_ratio/low_min"] = _nan_extreme(per_sequence_means(low), torch.amin)
+        metrics["clip_ratio/high_max"] = _nan_extreme(per_sequence_means(high), torch.amax)
     elif opts.loss_type == "cispo":
-        metrics["clip_ratio/cispo_mean"] = masked_mean(((clip_ratio_source > opts.epsilon_upper) & (adv > 0)).to(mask.dtype),
-                                                     sequence_level)
-    metrics.update(_ratio_stats("is_ratio", ratio, active))
+        clipped = ((clip_ratio_source > opts.epsilon_upper) & (adv > 0)).to(mask.dtype)
+        metrics["cispo_clip_ratio"] = masked_mean(clipped, sequence_level)
+    metrics.update(_ratio_stats("is_ratio", ratio, active, empty=1.0))
     if sampler_weight is not None:
-        metrics.update(_ratio_stats("sampling_is_ratio", sampler_weight, active))
+        # TRL: over the active tokens (token modes) or over every sequence (sequence modes); 0 when there is none
+        sampler_active = active if sampler_weight.shape[-1] != 1 else torch.ones_like(active[:, :1])
+        metrics.update(_ratio_stats("sampling/importance_sampling_ratio", sampler_weight, sampler_active, empty=0.0))
     return metrics
 
 
-def _ratio_stats(prefix: str, ratio: torch.Tensor, active: torch.Tensor) -> dict[str, torch.Tensor]:
-    """min / mean / max over active tokens (or over sequences with any active token); 1 when none is active.
+def _nan_extreme(values: torch.Tensor, reduce) -> torch.Tensor:
+    """min / max over the non-NaN values (TRL's nanmin / nanmax); 0 instead of NaN when every value is NaN."""
+    valid = ~torch.isnan(values)
+    fill = torch.inf if reduce is torch.amin else -torch.inf
+    extreme = reduce(torch.where(valid, values, fill))
+    return torch.where(valid.any(), extreme, torch.zeros_like(extreme))
+
+
+def _ratio_stats(prefix: str, ratio: torch.Tensor, active: torch.Tensor, empty: float) -> dict[str, torch.Tensor]:
+    """min / mean / max over active tokens (over sequences with any active token when `ratio` is (B, 1) and
+    `active` (B, T)); `empty` when none is active.
 
     Written without boolean indexing so that torch.compile(fullgraph=True) traces it.
     """
-    selected = active if ratio.shape[-1] != 1 else active.any(-1, keepdim=True)
+    selected = active if ratio.shape[-1] != 1 or active.shape[-1] == 1 else active.any(-1, keepdim=True)
     ratio = ratio.expand_as(selected)
     count = selected.sum()
     none = count == 0
-    one = torch.ones((), dtype=ratio.dtype, device=ratio.device)
+    fallback = torch.full((), empty, dtype=ratio.dtype, device=ratio.device)
     low = torch.where(selected, ratio, torch.inf).amin()
     high = torch.where(selected, ratio, -torch.inf).amax()
     mean = torch.where(selected, ratio, 0.0).sum() / count.clamp(min=1)
-    return {f"{prefix}/min": torch.where(none, one, low), f"{prefix}/mean": torch.where(none, one, mean),
-            f"{prefix}/max": torch.where(none, one, high)}
+    return {f"{prefix}/min": torch.where(none, fallback, low), f"{prefix}/mean": torch.where(none, fallback, mean),
+            f"{prefix}/max": torch.where(none, fallback, high)}

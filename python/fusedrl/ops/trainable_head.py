@@ -7,7 +7,7 @@ pass and produces the gradients of hidden, weight and bias with three GEMMs. The
 policy_loss on the returned logp; autograd receives the precomputed gradients and scales them by grad_output.
 
 Not eligible (and served by the generic path): sequence-level importance sampling (GSPO couples a sequence's
-tokens), luspo, the sampler correction without old_logp (its weight would depend on the current logp), and
+tokens), the sampler correction without old_logp (its weight would depend on the current logp), and
 float16: its gradients must be formed after a loss scaler has scaled grad_output, or small ones underflow.
 """
 
@@ -21,7 +21,7 @@ from .policy_loss import policy_loss, sampler_correction
 
 _ext.load()
 _OP = torch.ops.fusedrl.fused_linear_token_loss
-LOSS_KINDS = {"grpo": 0, "bnpo": 0, "dr_grpo": 0, "dapo": 0, "cispo": 1, "sapo": 2}
+LOSS_KINDS = {"grpo": 0, "bnpo": 0, "dr_grpo": 0, "dapo": 0, "luspo": 0, "cispo": 1, "sapo": 2}
 
 
 def eligible(opts: LossOptions, old_logp: torch.Tensor | None, dtype: torch.dtype) -> bool:
@@ -41,7 +41,8 @@ def compute_dtype(hidden: torch.Tensor) -> torch.dtype:
 @torch.library.register_fake("fusedrl::fused_linear_token_loss")
 def _fused_linear_token_loss_fake(hidden, weight, bias, targets, temperature, logit_softcap, return_entropy, old_logp,
                                   advantages, ref_logp, policy_weight, kl_weight, loss_kind, epsilon_low, epsilon_high,
-                                  delta, sapo_temperature_pos, sapo_temperature_neg, output_mask, chunk_size):
+                                  delta, sapo_temperature_pos, sapo_temperature_neg, kl_ratio_weighted, output_mask,
+                                  chunk_size):
     n = hidden.shape[0]
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     return (hidden.new_empty((n,), dtype=acc), hidden.new_empty((n,) if return_entropy else (0,), dtype=acc),
@@ -74,12 +75,15 @@ class _PrecomputedGradients(torch.autograd.Function):
 
 def token_weights(mask: torch.Tensor, opts: LossOptions, num_items_in_batch, sampler_weight):
     """(policy_weight, kl_weight), each (B, T): the loss type's normaliser x mask (x sampler weight | x beta), so
-    that loss = sum_t policy_weight_t * policy_t + kl_weight_t * kl_t, as policy_loss normalises it."""
+    that loss = sum_t policy_weight_t * policy_t + kl_weight_t * kl_t (kl_t times r_t with use_bias_correction_kl),
+    as policy_loss normalises it."""
     batch, width = mask.shape
     if opts.loss_type in ("grpo", "sapo"):
         norm = 1.0 / (mask.sum(-1, keepdim=True).clamp(min=1.0) * batch)
     elif opts.loss_type == "bnpo":
         norm = 1.0 / mask.sum().clamp(min=1.0)
+    elif opts.loss_type == "luspo":  # each sequence's masked sum, then the mean over sequences
+        norm = torch.tensor(1.0 / batch, dtype=mask.dtype, device=mask.device)
     elif opts.loss_type == "dr_grpo":
         norm = torch.tensor(1.0 / (batch * (opts.max_completion_length or width)), dtype=mask.dtype, device=mask.device)
     else:  # dapo, cispo
@@ -89,6 +93,12 @@ def token_weights(mask: torch.Tensor, opts: LossOptions, num_items_in_batch, sam
     weight = mask * norm
     policy = weight * sampler_weight if sampler_weight is not None else weight
     return policy.expand(batch, width), weight * opts.beta
+
+
+def _as_float32(value: float) -> float:
+    """SAPO's temperatures as TRL (and policy_loss) use them: torch.where over two Python floats gives a float32
+    tensor, so 1.05 is really float32(1.05). Rounded alike here so that both paths give the same gradient."""
+    return float(torch.tensor(value, dtype=torch.float32))
 
 
 def grpo_loss_trainable_head(hidden, weight, bias, completion_ids, completion_mask, advantages, opts: LossOptions, *,
@@ -112,10 +122,11 @@ def grpo_loss_trainable_head(hidden, weight, bias, completion_ids, completion_ma
         needs = [hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad]
         logp, entropy, grad_hidden, grad_weight, grad_bias = _OP(
             run_hidden.reshape(batch * width, size), run_weight, run_bias, completion_ids.reshape(-1),
-            float(opts.temperature), opts.logit_softcap, return_entropy, flat(old),
+            float(opts.head_temperature), opts.head_softcap, return_entropy, flat(old),
             flat(adv), flat(None if ref_logp is None else ref_logp.to(acc)), flat(policy_weight), flat(kl_weight),
             LOSS_KINDS[opts.loss_type], float(opts.epsilon_low), float(opts.epsilon_upper), opts.delta,
-            float(opts.sapo_temperature_pos), float(opts.sapo_temperature_neg), needs, chunk_size)
+            _as_float32(opts.sapo_temperature_pos), _as_float32(opts.sapo_temperature_neg),
+            opts.use_bias_correction_kl, needs, chunk_size)
         logp = logp.view(batch, width)
         entropy = entropy.view(batch, width) if return_entropy else None
         loss_value, metrics = policy_loss(logp, completion_mask, advantages, opts, old_logp=old_logp,

@@ -113,3 +113,12 @@ class RolloutEngine(Protocol):
     def wake(self) -> None:
         """Get ready to generate again after `sleep`."""
         ...
+
+
+@runtime_checkable
+class WeightSyncingEngine(Protocol):
+    """An engine that keeps its own copy of what the optimizer changes (vLLM's LoRA slots): the trainer calls
+    `sync_weights` after every optimizer step; it returns the seconds the handoff took."""
+
+    def sync_weights(self) -> float:
+        ...

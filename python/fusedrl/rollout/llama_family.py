@@ -83,6 +83,8 @@ def _linear(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     adapters in float32 over a bf16 base) and the sum is rounded once to the base output's dtype. The base layer is
     called as a module, so a quantized base layer (any module) works."""
     lora_a, lora_b = getattr(module, "lora_A", None), getattr(module, "lora_B", None)
+    if getattr(module, "fuses_lora", False):  # e.g. NF4 LoRA: one fused op (small-M path) beats base + addmm
+        return module(x)
     if lora_a is None or module.disable_adapters or module.merged or module.training:
         return module(x)
     active = [name for name in module.active_adapters if name in lora_a]

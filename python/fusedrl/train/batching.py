@@ -147,6 +147,8 @@ class TrainingBatch:
     old_logp: torch.Tensor | None = None
     ref_logp: torch.Tensor | None = None
     sampling_logp: torch.Tensor | None = None
+    # active completion tokens of the whole generation round this batch came from (TRL's num_items_in_batch)
+    round_tokens: float = 0.0
 
     def __post_init__(self) -> None:
         rows = self.prompt_ids.shape[0]
@@ -178,7 +180,8 @@ class TrainingBatch:
 
     def _map_rows(self, rows: torch.Tensor | slice) -> TrainingBatch:
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return TrainingBatch(**{name: None if value is None else value[rows] for name, value in fields.items()})
+        return TrainingBatch(**{name: value[rows] if isinstance(value, torch.Tensor) else value
+                                for name, value in fields.items()})
 
     def shuffled(self, generator: torch.Generator) -> TrainingBatch:
         """Rows in a random order drawn from `generator` (CPU generator)."""
@@ -220,4 +223,5 @@ class TrainingBatch:
 
     def to(self, device: torch.device | str) -> TrainingBatch:
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return TrainingBatch(**{name: None if value is None else value.to(device) for name, value in fields.items()})
+        return TrainingBatch(**{name: value.to(device) if isinstance(value, torch.Tensor) else value
+                                for name, value in fields.items()})

@@ -13,29 +13,42 @@ are resolved in ``__post_init__`` the way TRL resolves them for a single process
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from fusedrl.config_fields import check_field_types, check_known_fields
+
 if TYPE_CHECKING:
     import torch
 
+    from fusedrl.ops.options import LossOptions
     from fusedrl.rollout.base import SamplingConfig
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
-IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 SCALE_REWARDS = ("group", "batch", "none")
-VLLM_IMPORTANCE_SAMPLING_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 OPTIMIZERS = ("adamw_torch", "adamw_8bit")
 LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 DTYPES = ("bfloat16", "float16", "float32")
+VLLM_MODES = ("colocate", "server")
 
 
 def _one_of(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}.")
+
+
+OFFLOAD_ALIASES = ("offload", "unsloth")
+
+
+def normalize_checkpointing(value: Any) -> bool | str | None:
+    """The config value as True, False, "offload" or None; ValueError for anything else."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in OFFLOAD_ALIASES:
+        return "offload"
+    raise ValueError(f"gradient_checkpointing must be True, False, 'offload' (alias 'unsloth') or None (automatic), "
+                     f"got {value!r}")
 
 
 @dataclass
@@ -52,8 +65,10 @@ class GRPOConfig:
             (bitsandbytes AdamW8bit, GPU only). TRL's default "adamw_torch_fused" is not accepted: use "adamw_torch".
         lr_scheduler_type: "linear", "cosine", "constant" or "constant_with_warmup", passed to
             ``transformers.get_scheduler``.
-        warmup_ratio: fraction of the total steps used for linear warmup (used when warmup_steps is 0).
-        warmup_steps: number of warmup steps; if > 0 it takes precedence over warmup_ratio (see get_warmup_steps).
+        warmup_steps: linear warmup length, as in transformers 5: an int (or float >= 1) is a number of steps, a
+            float in (0, 1) a fraction of the total steps (rounded up).
+        warmup_ratio: transformers 4's name for a warmup fraction, deprecated in transformers 5: accepted with a
+            FutureWarning and moved to warmup_steps (setting both is an error).
         weight_decay, adam_beta1, adam_beta2, adam_epsilon: AdamW hyper-parameters.
         max_grad_norm: gradient clipping norm; 0 disables clipping.
         seed: random seed set at the start of training (sampling, shuffling, LoRA init).
@@ -64,13 +79,22 @@ class GRPOConfig:
             per_device_train_batch_size * steps_per_generation. Mutually exclusive with steps_per_generation.
         steps_per_generation: micro-batches trained on per rollout; defaults to gradient_accumulation_steps.
         num_iterations: optimisation passes over each generated batch (mu in the GRPO paper).
-        max_prompt_length: (TRL <= 0.24 field, removed later) prompts longer than this many tokens are truncated
-            from the left; None keeps whole prompts.
+        max_prompt_length: (TRL <= 0.24 field, removed later) None (the default, as TRL 1.16 never truncates)
+            keeps whole prompts; an int truncates longer prompts from the left, logged once with the count.
         max_completion_length: maximum number of generated tokens per completion.
         temperature, top_p, top_k (0 = off), min_p (None = off), repetition_penalty: sampling parameters.
+        use_vllm: sample rollouts with the vLLM engine of a model loaded by
+            `fusedrl.load_model(..., fast_inference=True)` (it shares the model's weights; LoRA reaches it after
+            every optimizer step). vllm_mode: "colocate" (vLLM in the training process); TRL's "server" is not
+            supported. vllm_gpu_memory_utilization, vllm_max_model_length: must match what the model was loaded
+            with (load_model's gpu_memory_utilization, max_seq_length) when set; None accepts the model's.
+            vllm_enable_sleep_mode: release vLLM's KV cache while training (CUDA; a no-op on CPU).
 
     Loss (see fusedrl.ops.grpo_loss, same names):
         beta: KL coefficient (k3 estimator to the reference model); 0 means no reference model is used.
+        use_bias_correction_kl: weight each token's k3 KL by its importance ratio (TRL 1.16's default True).
+        router_aux_loss_coef: weight of a Mixture-of-Experts model's router load-balancing loss; None takes the
+            model config's own (0.0 where it declares none), as TRL.
         epsilon, epsilon_high (defaults to epsilon), delta (two-sided clipping bound, None = off): clipping.
         loss_type: one of "grpo", "bnpo", "dr_grpo", "dapo" (default), "cispo", "sapo", "luspo". TRL's "vespo" is
             not supported yet.
@@ -90,7 +114,12 @@ class GRPOConfig:
     Precision and memory:
         dtype: (fusedrl; replaces TrainingArguments' bf16/fp16 flags) "bfloat16" (default, like TRL's bf16=True),
             "float16" (the trainer then applies dynamic loss scaling) or "float32".
-        gradient_checkpointing: recompute activations in backward (TRL default True).
+        gradient_checkpointing: recompute activations in backward (TRL default True). (fusedrl) Also "offload"
+            (alias "unsloth"): each decoder layer's input goes to pinned host memory and comes back one layer ahead
+            in backward; None (default): chosen from the memory plan before the first step (plain checkpointing
+            when it fits, else offload), see fusedrl.train.checkpointing.
+        mlp_chunk_tokens: (fusedrl) tokens per chunk of the decoder MLP during recompute and backward; None = from
+            the memory plan, 0 = never chunk.
         disable_dropout: set every dropout probability in the model to 0.
 
     Data, logging and checkpoints:
@@ -112,7 +141,7 @@ class GRPOConfig:
     optim: str = "adamw_torch"
     lr_scheduler_type: str = "linear"
     warmup_ratio: float = 0.0
-    warmup_steps: int = 0
+    warmup_steps: float = 0
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -125,16 +154,23 @@ class GRPOConfig:
     generation_batch_size: int | None = None
     steps_per_generation: int | None = None
     num_iterations: int = 1
-    max_prompt_length: int | None = 512
+    max_prompt_length: int | None = None
     max_completion_length: int = 512
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
     min_p: float | None = None
     repetition_penalty: float = 1.0
+    use_vllm: bool = False
+    vllm_mode: str = "colocate"
+    vllm_gpu_memory_utilization: float | None = None
+    vllm_enable_sleep_mode: bool = False
+    vllm_max_model_length: int | None = None
 
     # Loss
     beta: float = 0.0
+    use_bias_correction_kl: bool = True
+    router_aux_loss_coef: float | None = None
     epsilon: float = 0.2
     epsilon_high: float | None = None
     delta: float | None = None
@@ -154,7 +190,8 @@ class GRPOConfig:
 
     # Precision and memory
     dtype: str = "bfloat16"
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool | str | None = None
+    mlp_chunk_tokens: int | None = None
     disable_dropout: bool = False
 
     # Data, logging and checkpoints
@@ -166,21 +203,34 @@ class GRPOConfig:
     save_total_limit: int | None = None
     output_dir: str = "trainer_output"
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> GRPOConfig:
+        # Before the dataclass __init__ sees them: a TRL field fusedrl does not implement is named with advice
+        # (trl_fields.py) rather than a bare "unexpected keyword argument".
+        from fusedrl.train.trl_fields import not_supported_error
+
+        error = not_supported_error([name for name in kwargs if name not in cls.__dataclass_fields__])
+        if error is not None:
+            raise error
+        return super().__new__(cls)
+
     def __post_init__(self) -> None:
         # Same bool mapping as TRL.
         if isinstance(self.scale_rewards, bool):
             self.scale_rewards = "group" if self.scale_rewards else "none"
 
-        _one_of("loss_type", self.loss_type, LOSS_TYPES)
-        _one_of("importance_sampling_level", self.importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS)
+        check_field_types(self)
         _one_of("scale_rewards", self.scale_rewards, SCALE_REWARDS)
-        _one_of("vllm_importance_sampling_mode", self.vllm_importance_sampling_mode, VLLM_IMPORTANCE_SAMPLING_MODES)
         _one_of("optim", self.optim, OPTIMIZERS)
         _one_of("lr_scheduler_type", self.lr_scheduler_type, LR_SCHEDULERS)
         _one_of("dtype", self.dtype, DTYPES)
 
+        self.gradient_checkpointing = normalize_checkpointing(self.gradient_checkpointing)
+        chunk = self.mlp_chunk_tokens
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0):
+            raise ValueError(f"mlp_chunk_tokens must be None (automatic), 0 (off) or a positive int, got {chunk!r}.")
         self._check_positive_ints()
         self._check_ranges()
+        self._check_vllm()
         self._resolve_generation_batch()
 
         if self.epsilon_high is None:
@@ -204,6 +254,9 @@ class GRPOConfig:
                 "At least one of vllm_importance_sampling_clip_min or vllm_importance_sampling_clip_max must be set "
                 f"when vllm_importance_sampling_mode is {self.vllm_importance_sampling_mode!r}."
             )
+        # The loss and sampling settings are validated by the objects the op and the engine receive.
+        self.loss_options()
+        self.sampling_config()
         if self.loss_type == "luspo" and self.importance_sampling_level != "sequence":
             warnings.warn(
                 "loss_type='luspo' is meant to be used with importance_sampling_level='sequence' (the paper's setup).",
@@ -236,35 +289,37 @@ class GRPOConfig:
             raise ValueError(f"num_train_epochs must be > 0 when max_steps is -1, got {self.num_train_epochs}.")
         if self.save_steps < 0:
             raise ValueError(f"save_steps must be >= 0 (0 disables checkpoints), got {self.save_steps}.")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}.")
+        if isinstance(self.warmup_steps, bool) or not self.warmup_steps >= 0:
+            raise ValueError(f"warmup_steps must be >= 0 (a step count, or a fraction of the total below 1), got "
+                             f"{self.warmup_steps!r}.")
+
+    def _check_vllm(self) -> None:
+        _one_of("vllm_mode", self.vllm_mode, VLLM_MODES)
+        if self.use_vllm and self.vllm_mode == "server":
+            raise ValueError(
+                "vllm_mode='server' is not supported: fusedrl runs vLLM inside the training process so that it "
+                "shares the model's weights; use vllm_mode='colocate' with load_model(..., fast_inference=True)."
+            )
+        utilization = self.vllm_gpu_memory_utilization
+        if utilization is not None and not 0 < utilization <= 1:
+            raise ValueError(f"vllm_gpu_memory_utilization must be None or in (0, 1], got {utilization}.")
+        length = self.vllm_max_model_length
+        if length is not None and (not isinstance(length, int) or isinstance(length, bool) or length < 1):
+            raise ValueError(f"vllm_max_model_length must be None or an integer >= 1, got {length!r}.")
 
     def _check_ranges(self) -> None:
         if not self.learning_rate >= 0:
             raise ValueError(f"learning_rate must be >= 0, got {self.learning_rate}.")
-        if not self.beta >= 0:
-            raise ValueError(f"beta (KL coefficient) must be >= 0, got {self.beta}.")
-        if not self.temperature > 0:
-            raise ValueError(
-                f"temperature must be > 0, got {self.temperature}; for greedy decoding use a small temperature or "
-                "top_k=1."
-            )
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 disables top-k), got {self.top_k}.")
-        if self.min_p is not None and not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must be None or in [0, 1], got {self.min_p}.")
-        if not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}.")
-        if not self.epsilon >= 0:
-            raise ValueError(f"epsilon must be >= 0, got {self.epsilon}.")
-        if self.epsilon_high is not None and not self.epsilon_high >= 0:
-            raise ValueError(f"epsilon_high must be None or >= 0, got {self.epsilon_high}.")
-        if self.delta is not None and not self.delta > 1:
-            raise ValueError(f"delta must be None or > 1 (recommended > 1 + epsilon), got {self.delta}.")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
+        if self.warmup_ratio:
+            if self.warmup_steps:
+                raise ValueError(f"warmup_ratio ({self.warmup_ratio}) and warmup_steps ({self.warmup_steps}) are both "
+                                 "set: use warmup_steps alone (a fraction below 1 is a ratio, as in transformers 5).")
+            warnings.warn("warmup_ratio is deprecated (transformers 5): use warmup_steps, where a value below 1 is a "
+                          f"fraction of the total steps; warmup_steps={self.warmup_ratio} is used.", FutureWarning,
+                          stacklevel=4)
+            self.warmup_steps, self.warmup_ratio = self.warmup_ratio, 0.0
         if not self.max_grad_norm >= 0:
             raise ValueError(f"max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm}.")
         if self.weight_decay < 0:
@@ -309,6 +364,22 @@ class GRPOConfig:
         assert self.generation_batch_size is not None
         return self.generation_batch_size // self.num_generations
 
+    def loss_options(self) -> LossOptions:
+        """The fused loss op's options of this run (the trainer adds the model's logit_softcap and, per batch,
+        whether sampler logps are there to correct with)."""
+        from fusedrl.ops.options import LossOptions
+
+        return LossOptions(
+            loss_type=self.loss_type, importance_sampling_level=self.importance_sampling_level, epsilon=self.epsilon,
+            epsilon_high=self.epsilon_high, delta=self.delta, beta=self.beta,
+            use_bias_correction_kl=self.use_bias_correction_kl, temperature=self.temperature,
+            max_completion_length=self.max_completion_length,
+            vllm_importance_sampling_correction=self.vllm_importance_sampling_correction,
+            vllm_importance_sampling_mode=self.vllm_importance_sampling_mode,
+            vllm_importance_sampling_clip_min=self.vllm_importance_sampling_clip_min,
+            vllm_importance_sampling_clip_max=self.vllm_importance_sampling_clip_max,
+            sapo_temperature_pos=self.sapo_temperature_pos, sapo_temperature_neg=self.sapo_temperature_neg)
+
     def sampling_config(self) -> SamplingConfig:
         """The rollout engine's sampling settings of this run."""
         from fusedrl.rollout.base import SamplingConfig
@@ -325,10 +396,11 @@ class GRPOConfig:
         return getattr(torch, self.dtype)
 
     def get_warmup_steps(self, num_training_steps: int) -> int:
-        """Warmup steps for a run of num_training_steps: warmup_steps if > 0, else ceil(warmup_ratio * total)."""
-        if self.warmup_steps > 0:
+        """Warmup steps for a run of num_training_steps, as transformers 5: int(warmup_steps) when >= 1, else
+        ceil(warmup_steps * total)."""
+        if self.warmup_steps >= 1:
             return int(self.warmup_steps)
-        return math.ceil(num_training_steps * self.warmup_ratio)
+        return math.ceil(num_training_steps * self.warmup_steps)
 
     def to_dict(self) -> dict[str, Any]:
         """All fields as plain Python values (derived fields included); from_dict(to_dict()) gives an equal config."""
@@ -338,14 +410,13 @@ class GRPOConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> GRPOConfig:
         """Build a config from a dict (e.g. a TOML table); unknown keys raise ValueError naming close matches."""
+        from fusedrl.train.trl_fields import not_supported_error
+
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = [key for key in values if key not in known]
-        if unknown:
-            hints = []
-            for key in unknown:
-                close = difflib.get_close_matches(key, sorted(known), n=3, cutoff=0.6)
-                hints.append(f"{key!r} (did you mean {', '.join(map(repr, close))}?)" if close else repr(key))
-            raise ValueError(f"Unknown GRPOConfig field(s): {'; '.join(hints)}.")
+        error = not_supported_error([key for key in values if key not in known])
+        if error is not None:
+            raise error
+        check_known_fields("GRPOConfig", values, (f.name for f in dataclasses.fields(cls)))
         values = dict(values)
         # A dict produced by to_dict() carries both derived batch fields; TRL allows only one as input, so drop the
         # derived one when it is consistent with the other.

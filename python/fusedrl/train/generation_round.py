@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,8 @@ from fusedrl.train.config import GRPOConfig
 from fusedrl.train.optim import Precision
 from fusedrl.train.policy_forward import per_token_logp
 from fusedrl.train.scoring import RewardScorer
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -56,6 +59,7 @@ class GenerationRound:
         precision: Precision,
         *,
         corrects_sampler_mismatch: bool,
+        reference_context: Any = None,
     ) -> None:
         self.args = args
         self.model = model
@@ -66,6 +70,8 @@ class GenerationRound:
         self.dataset = dataset
         self.precision = precision
         self.corrects_sampler_mismatch = corrects_sampler_mismatch
+        self.reference_context = reference_context
+        self._warned_truncation = False
         self.device = next(model.parameters()).device
         self.pad_token_id = _pad_token_id(tokenizer)
         self.sampler = PromptSampler(len(dataset), args.prompts_per_generation, shuffle=args.shuffle_dataset,
@@ -83,7 +89,7 @@ class GenerationRound:
         """Sample, score and split round `round_index` into `steps_per_generation` micro-batches."""
         rows = repeat_rows(self._prompt_rows(round_index), self.args.num_generations)
         prompts = [row["prompt"] for row in rows]
-        prompt_ids = tokenize_prompts(self.tokenizer, prompts, max_prompt_length=self.args.max_prompt_length)
+        prompt_ids = self._truncated(tokenize_prompts(self.tokenizer, prompts))
         started = time.perf_counter()
         self.engine.wake()
         try:
@@ -94,25 +100,45 @@ class GenerationRound:
         completion_lists = [ids[: int(n)].tolist() for ids, n in zip(rollout.completion_ids, rollout.completion_mask.sum(1))]
         completions = self._decode(prompts, completion_lists)
         rewards_per_func = self.scorer.score(rows, prompts, completions, completion_lists, trainer_state)
+        logged_metrics, extra_columns = self.scorer.pop_logged()  # from reward functions' log_metric / log_extra
         rewards = aggregate_rewards(rewards_per_func, self.scorer.weights)
         advantages, reward_stats = compute_advantages(rewards, self.args.num_generations, self.args.scale_rewards)
 
         batch = self._training_batch(prompt_ids, rollout, advantages)
+        batch = batch.replace(round_tokens=float(batch.completion_mask.sum()))
         micro_batches = self.split_micro_batches(batch.shuffled(shuffle_generator), self.args.steps_per_generation)
         micro_batches = [self._with_reference_logps(micro_batch) for micro_batch in micro_batches]
         samples = [
             {"prompt": prompt, "completion": completion, "reward": float(reward), "advantage": float(advantage)}
             for prompt, completion, reward, advantage in zip(prompts, completions, rewards, advantages)
         ]
+        for column, values in extra_columns.items():
+            if len(values) != len(samples):
+                raise ValueError(f"log_extra({column!r}, ...) received {len(values)} values for {len(samples)} "
+                                 "completions; log one value per completion")
+            for sample, value in zip(samples, values):
+                sample[column] = value
         metrics = self._metrics(rollout, rewards_per_func, reward_stats, micro_batches, generation_seconds)
+        metrics.update(logged_metrics)
         return RoundResult(micro_batches, metrics, samples)
 
+    def _truncated(self, prompt_ids: list[list[int]]) -> list[list[int]]:
+        """Left truncation to max_prompt_length (None: none, TRL 1.16's behaviour); the first time it cuts a prompt,
+        a warning says how many prompts of that round it cut."""
+        limit = self.args.max_prompt_length
+        if limit is None:
+            return prompt_ids
+        cut = sum(len(ids) > limit for ids in prompt_ids)
+        if cut and not self._warned_truncation:
+            self._warned_truncation = True
+            logger.warning("max_prompt_length=%d: %d of the %d prompts of this round were longer and lost their first "
+                           "tokens (left truncation). Shown once; set max_prompt_length=None to keep whole prompts.",
+                           limit, cut, len(prompt_ids))
+        return [ids[-limit:] for ids in prompt_ids]
+
     def split_micro_batches(self, batch: TrainingBatch, count: int) -> list[TrainingBatch]:
-        """`count` equal micro-batches trimmed of padding columns. luspo with a per-token loss (token level, or
-        beta > 0) keeps the completion width: its loss averages over every column (TRL: the generation batch's)."""
-        per_token = self.args.importance_sampling_level == "token" or self.args.beta > 0
-        keep_width = self.args.loss_type == "luspo" and per_token
-        return batch.split(count, trim_completions=not keep_width)
+        """`count` equal micro-batches trimmed of padding columns (no loss type depends on the padded width)."""
+        return batch.split(count)
 
     def _prompt_rows(self, round_index: int) -> list[dict[str, Any]]:
         epoch, position = divmod(round_index, self.sampler.rounds_per_epoch)
@@ -146,8 +172,8 @@ class GenerationRound:
         if self.args.beta > 0:
             if self.ref_model is not None:
                 ref_logp = per_token_logp(self.ref_model, batch, self.precision, temperature)
-            else:  # a peft model: the reference is the model with its adapters disabled
-                with self.model.disable_adapter():
+            else:  # a peft model: adapters disabled, or the starting adapter (model/reference_adapter.py)
+                with self.reference_context():
                     ref_logp = per_token_logp(self.model, batch, self.precision, temperature)
         return batch.replace(old_logp=old_logp, ref_logp=ref_logp)
 
@@ -169,13 +195,19 @@ class GenerationRound:
             column = rewards_per_func[:, index]
             metrics[f"rewards/{name}/mean"] = float(torch.nan_to_num(torch.nanmean(column), nan=0.0))
             metrics[f"rewards/{name}/std"] = float(torch.nan_to_num(nanstd(column), nan=0.0))
-        gaps = [(batch.old_logp - batch.sampling_logp).abs()[batch.completion_mask.bool()]
-                for batch in micro_batches if batch.old_logp is not None and batch.sampling_logp is not None]
+        # TRL: over the active tokens the sampler could score (a NaN sampler logp is left out, not counted as 0)
+        gaps = [_scored_gaps(batch) for batch in micro_batches
+                if batch.old_logp is not None and batch.sampling_logp is not None]
         if gaps and sum(gap.numel() for gap in gaps) > 0:
             all_gaps = torch.cat(gaps)
             metrics["sampling/sampling_logp_difference/mean"] = float(all_gaps.mean())
             metrics["sampling/sampling_logp_difference/max"] = float(all_gaps.max())
         return metrics
+
+
+def _scored_gaps(batch: TrainingBatch) -> torch.Tensor:
+    gap = (batch.old_logp - batch.sampling_logp).abs()
+    return gap[batch.completion_mask.bool() & ~torch.isnan(gap)]
 
 
 def _pad_token_id(tokenizer: transformers.PreTrainedTokenizerBase) -> int:

@@ -93,8 +93,6 @@ class Precision:
 
 def create_precision(args: Any, model: torch.nn.Module) -> Precision:
     """args.dtype ("bfloat16" / "float16" / "float32"), checked against the device of the trainable parameters."""
-    if args.dtype not in ("bfloat16", "float16", "float32"):
-        raise ValueError(f"dtype must be 'bfloat16', 'float16' or 'float32', got {args.dtype!r}")
     named = trainable_parameters(model)
     device = named[0][1].device if named else next(model.parameters()).device
     if args.dtype == "bfloat16":

@@ -14,10 +14,15 @@ from fusedrl.train.batching import TrainingBatch
 from fusedrl.train.optim import Precision
 
 
+def completion_inputs(batch: TrainingBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of prompt + completion, (B, P + Tc)."""
+    return (torch.cat([batch.prompt_ids, batch.completion_ids], dim=1),
+            torch.cat([batch.prompt_mask, batch.completion_mask], dim=1))
+
+
 def completion_hidden(model: torch.nn.Module, batch: TrainingBatch) -> torch.Tensor:
     """(B, Tc, H) hidden states; position t predicts batch.completion_ids[:, t]."""
-    input_ids = torch.cat([batch.prompt_ids, batch.completion_ids], dim=1)
-    attention_mask = torch.cat([batch.prompt_mask, batch.completion_mask], dim=1)
+    input_ids, attention_mask = completion_inputs(batch)
     return forward_hidden(model, input_ids, attention_mask, logits_to_keep=batch.completion_ids.shape[1])
 
 
@@ -28,5 +33,6 @@ def per_token_logp(model: torch.nn.Module, batch: TrainingBatch, precision: Prec
         hidden = completion_hidden(model, batch)
         head = lm_head_of(model)
         logp, _ = selective_logp(hidden, head.weight, batch.completion_ids, lm_head_bias=head.bias,
-                                 temperature=temperature, logit_softcap=head.logit_softcap)
+                                 temperature=temperature, logit_softcap=head.logit_softcap,
+                                 logit_scale=head.logit_scale)
     return logp.float()

@@ -32,16 +32,21 @@ from typing import Any
 import torch
 import transformers
 
-from fusedrl.rollout import BuiltinEngine, RolloutEngine
+from fusedrl.model.hidden import check_lm_head_reproduces_logits
+from fusedrl.model.moe import router_aux_of
+from fusedrl.model.reference_adapter import reference_context
+from fusedrl.rollout import RolloutEngine, WeightSyncingEngine
+from fusedrl.rollout.selection import select_engine
 from fusedrl.train import loss_step
 from fusedrl.train.batching import TrainingBatch
 from fusedrl.train.buffer import GenerationBuffer
+from fusedrl.train.checkpointing import prepare_checkpointing
 from fusedrl.train.config import GRPOConfig
 from fusedrl.train.generation_round import GenerationRound
 from fusedrl.train.optim import Precision, create_optimizer, create_precision, create_scheduler
 from fusedrl.train.policy_forward import per_token_logp
 from fusedrl.train.rng import capture_rng_state, restore_rng_state
-from fusedrl.train.scoring import RewardFunc, RewardScorer
+from fusedrl.train.scoring import RewardFunc, RewardScorer, check_dataset_columns
 
 
 @dataclass
@@ -68,11 +73,16 @@ class GRPOTrainer:
     """Trains `model` with GRPO-family losses on the prompts of `train_dataset`.
 
     model: a transformers causal LM or a peft model around one (e.g. from `fusedrl.load_model`).
-    reward_funcs: one callable or a list, TRL signature f(prompts, completions, completion_ids, **columns)
-        -> list[float | None] (None = cannot score; every other dataset column is passed as a keyword list).
+    reward_funcs: one or a list of: a callable (sync or `async def`) with TRL's signature f(prompts, completions,
+        completion_ids, **columns) -> list[float | None] (None = cannot score; every other dataset column is passed as
+        a keyword list, plus trainer_state, log_metric and log_extra), a sequence-classification reward model, or a
+        model id / path to load one from (see scoring.py). reward_processing_classes: the reward models' tokenizers.
     args: GRPOConfig. train_dataset: rows with a "prompt" (chat messages or a string) and any other columns
         (a datasets.Dataset or a sequence of dicts). processing_class: the tokenizer (with a chat template for chat
         prompts). rollout_engine: defaults to BuiltinEngine(model, processing_class).
+    callbacks: added to the default ones, which write what `args` asks (checkpoints every save_steps into
+        output_dir, metrics.jsonl and the console table every logging_steps, completions when log_completions);
+        a CheckpointCallback or MetricsLogger passed here replaces the default one of its kind.
     """
 
     def __init__(
@@ -84,27 +94,35 @@ class GRPOTrainer:
         processing_class: transformers.PreTrainedTokenizerBase,
         rollout_engine: RolloutEngine | None = None,
         callbacks: Sequence[Any] | None = None,
+        reward_processing_classes: Any = None,
     ) -> None:
         if not isinstance(args, GRPOConfig):
             raise TypeError(f"args must be a fusedrl.GRPOConfig, got {type(args).__name__}")
         self.args = args
         self.model = model
         self.tokenizer = processing_class
-        self.scorer = RewardScorer(reward_funcs, args.reward_weights)
+        self.device = next(model.parameters()).device
+        check_lm_head_reproduces_logits(model)  # refuses unknown logit transforms and adapters on the lm-head
+        self.router_aux = router_aux_of(model, args.router_aux_loss_coef)
+        self.scorer = RewardScorer(reward_funcs, args.reward_weights, reward_processing_classes, device=self.device)
         self.train_dataset = _check_dataset(train_dataset, processing_class)
-        self.engine: RolloutEngine = rollout_engine if rollout_engine is not None else BuiltinEngine(model, processing_class)
+        check_dataset_columns(list(self.train_dataset[0]))
+        self.engine: RolloutEngine = select_engine(args, model, processing_class, rollout_engine)
         # TRL corrects the sampler mismatch only when vLLM samples; likewise only engines whose sampler differs.
         self.corrects_sampler_mismatch = args.vllm_importance_sampling_correction and getattr(
             self.engine, "sampler_differs_from_trainer", True)
-        self.callbacks = list(callbacks or [])
-        self.device = next(model.parameters()).device
+        self.user_callbacks = list(callbacks or [])
+        self.callbacks: list[Any] = []  # the defaults plus user_callbacks, assembled when train() starts
 
         self._prepare_model()
         self.ref_model = self._reference_model() if args.beta > 0 else None
+        peft_reference = reference_context(model) if args.beta > 0 and self.ref_model is None else None
         self.precision: Precision = create_precision(args, model)
+        self.loss_options = args.loss_options()
         self.rounds = GenerationRound(args, model, self.ref_model, processing_class, self.engine, self.scorer,
                                       self.train_dataset, self.precision,
-                                      corrects_sampler_mismatch=self.corrects_sampler_mismatch)
+                                      corrects_sampler_mismatch=self.corrects_sampler_mismatch,
+                                      reference_context=peft_reference)
         self.state = TrainerState(max_steps=self._total_optimizer_steps())
         self.optimizer = create_optimizer(model, args)
         self.scheduler = create_scheduler(self.optimizer, args, self.state.max_steps)
@@ -120,22 +138,15 @@ class GRPOTrainer:
     # set-up
     # ------------------------------------------------------------------------------------------------------------
     def _prepare_model(self) -> None:
-        """Dropout off if asked; gradient checkpointing on if asked and the model supports it."""
+        """Dropout off if asked; checkpointing (plain / offloaded, MLP chunks) as the config and the memory plan say
+        (fusedrl.train.checkpointing: printed on CUDA, MemoryError here when the step cannot fit)."""
         if self.args.disable_dropout:
             for module in self.model.modules():
                 if isinstance(module, torch.nn.Dropout):
                     module.p = 0.0
-        if self.args.gradient_checkpointing and not self._is_checkpointing():
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-    def _is_checkpointing(self) -> bool:
-        """Whether the model already recomputes activations (models that cannot do it count as "yes")."""
-        if not callable(getattr(self.model, "gradient_checkpointing_enable", None)):
-            return True
-        for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # newer, older transformers
-            if hasattr(type(_unwrapped(self.model)), name):
-                return bool(getattr(_unwrapped(self.model), name))
-        return True
+        self.memory_plan = None
+        if callable(getattr(self.model, "gradient_checkpointing_enable", None)):
+            self.memory_plan = prepare_checkpointing(self.model, self.args)
 
     def _reference_model(self) -> torch.nn.Module | None:
         """The frozen reference for the KL term: None for a peft model (its adapters are disabled instead)."""
@@ -165,7 +176,10 @@ class GRPOTrainer:
         """
         if self._sampling_generator is None:
             self._seed_everything()
+        self.callbacks = self._assemble_callbacks()
         self.model.train()
+        if isinstance(self.engine, WeightSyncingEngine):  # e.g. adapter weights restored from a checkpoint
+            self.engine.sync_weights()
         self._notify("on_train_begin", self)
         while self.state.global_step < self.state.max_steps:
             metrics = self.training_step()
@@ -189,11 +203,15 @@ class GRPOTrainer:
         loss_metrics = self.accumulate_gradients(micro_batches)
         learning_rate = self.scheduler.get_last_lr()[0]
         grad_norm = loss_step.optimizer_step(self.optimizer, self.scheduler, self.precision, self.args.max_grad_norm)
+        handoff = {}
+        if isinstance(self.engine, WeightSyncingEngine):  # vLLM: the new LoRA weights into its slot
+            handoff["vllm/handoff_ms"] = self.engine.sync_weights() * 1e3
         training_seconds = time.perf_counter() - started - generation_seconds
         training_tokens = sum(batch.prompt_mask.sum().item() + batch.completion_mask.sum().item() for batch in micro_batches)
         return {
             **loss_metrics,
             **loss_step.mean_of_dicts(self._round_metrics),
+            **handoff,
             "learning_rate": float(learning_rate),
             "grad_norm": grad_norm,
             "step_seconds": time.perf_counter() - started,
@@ -201,13 +219,13 @@ class GRPOTrainer:
             "memory/peak_gb": peak_memory_gb(self.device),
         }
 
-    def micro_batch_loss(self, batch: TrainingBatch, num_items_in_batch: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def micro_batch_loss(self, batch: TrainingBatch) -> tuple[torch.Tensor, dict[str, float]]:
         """The loss of one micro-batch, already scaled for gradient accumulation, and the op's metrics."""
-        return loss_step.micro_batch_loss(self.model, batch, self.args, self.precision, num_items_in_batch)
+        return loss_step.micro_batch_loss(self.model, batch, self.args, self.precision, self.router_aux)
 
     def accumulate_gradients(self, micro_batches: Sequence[TrainingBatch]) -> dict[str, float]:
         """Forward and backward over the micro-batches of one optimizer step (see loss_step.accumulate_gradients)."""
-        return loss_step.accumulate_gradients(self.model, micro_batches, self.args, self.precision)
+        return loss_step.accumulate_gradients(self.model, micro_batches, self.args, self.precision, self.router_aux)
 
     def per_token_logp(self, model: torch.nn.Module, batch: TrainingBatch) -> torch.Tensor:
         """(B, T) float32 logp of the completion tokens under `model` at the run's temperature, no graph kept."""
@@ -231,10 +249,32 @@ class GRPOTrainer:
         self._round_metrics.append(result.metrics)
         return result.micro_batches
 
+    def _generators(self) -> dict[str, torch.Generator]:
+        """The trainer's own generators (sampling, shuffling); none before train() or load_state_dict seeds them."""
+        named = {"sampling": self._sampling_generator, "shuffle": self._shuffle_generator}
+        return {name: generator for name, generator in named.items() if generator is not None}
+
     def _seed_everything(self) -> None:
         transformers.set_seed(self.args.seed)  # python, numpy and torch (all devices)
         self._sampling_generator = torch.Generator(self.device).manual_seed(self.args.seed)
         self._shuffle_generator = torch.Generator().manual_seed(self.args.seed)
+
+    def _assemble_callbacks(self) -> list[Any]:
+        """Default callbacks (what args asks to be written) not replaced by a user's one of the same kind, then the
+        user's."""
+        from fusedrl.train.callbacks import default_callbacks
+
+        if self.callbacks:  # train() called again: keep the same objects
+            return self.callbacks
+        kinds = tuple(type(callback) for callback in self.user_callbacks)
+        defaults = [callback for callback in default_callbacks(self.args) if not isinstance(callback, kinds)]
+        return defaults + self.user_callbacks
+
+    def add_callback(self, callback: Any) -> None:
+        """Call `callback`'s on_train_begin / on_log / on_step_end / on_train_end (those it defines) from now on."""
+        self.user_callbacks.append(callback)
+        if self.callbacks:  # already assembled by train()
+            self.callbacks.append(callback)
 
     def _notify(self, event: str, payload: Any) -> None:
         for callback in self.callbacks:
@@ -260,8 +300,6 @@ class GRPOTrainer:
 
         "progress" and "model" are JSON-serialisable; the rest holds tensors and plain containers.
         """
-        if self._sampling_generator is None:
-            self._seed_everything()
         buffer = self.buffer.state_dict()
         if buffer["stored_round"] is not None:
             buffer["stored_round"] = [dataclasses.asdict(batch) for batch in buffer["stored_round"]]
@@ -271,7 +309,7 @@ class GRPOTrainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.precision.scaler.state_dict() if self.precision.scaler is not None else None,
-            "rng": capture_rng_state({"sampling": self._sampling_generator, "shuffle": self._shuffle_generator}),
+            "rng": capture_rng_state(self._generators()),
             "buffer": buffer,
         }
 
@@ -299,7 +337,9 @@ class GRPOTrainer:
         self.scheduler.load_state_dict(state["scheduler"])
         if self.precision.scaler is not None and state["scaler"] is not None:
             self.precision.scaler.load_state_dict(state["scaler"])
-        restore_rng_state(state["rng"], {"sampling": self._sampling_generator, "shuffle": self._shuffle_generator})
+        saved_generators = state["rng"].get("generators", {})
+        restore_rng_state(state["rng"], {name: generator for name, generator in self._generators().items()
+                                         if name in saved_generators})  # a state taken before train() has none
         self.buffer.load_state_dict(buffer)
         for key, value in progress.items():
             setattr(self.state, key, value)

@@ -1,0 +1,270 @@
+// bench_nf4: validates and times the torch-free NF4 kernels (csrc/kernels/nf4.h) on one GPU.
+//
+// What it measures, per weight shape (N, K) (Llama-3.1-8B projections, one Qwen3-4B one, an odd shape for the
+// scalar path):
+//   dequant   nf4_dequantize_cuda, packed (N*K/2 bytes) + absmax -> W (N, K) bf16 / fp16 / fp32, plain and nested
+//             absmax. GB/s counts bytes read + written; "x copy" compares with cudaMemcpy device-to-device of the
+//             output's size (read + write), measured in the same run: the target is >= 0.85.
+//   matmul    nf4_matmul_cuda, y (M, N) = x (M, K) @ W^T + lora (M, 16) @ B^T + bias, bf16, M = 1, 4, 8, 16.
+//             GB/s counts the 4-bit weight, x, B and y.
+// Validation before timing: outputs are poisoned (0xff bytes = NaN) before the launch; dequant is compared
+// bit-for-bit with nf4_dequantize_cpu on every element; matmul with nf4_matmul_cpu (same float math, another
+// summation order) under |gpu - cpu| <= 2^-7 |cpu| + 1e-5 K^0.5 max|x||w| (bf16 output rounding plus float
+// accumulation-order noise). Timing: CUDA events around the launch, a buffer larger than L2 written before each
+// repeat (cold L2), median of the repeats.
+//
+// Build: with the package (-C cmake.define.FUSEDRL_BUILD_BENCH=ON, see bench/cpp/CMakeLists.txt) or
+//   nvcc -std=c++17 -O3 --use_fast_math -DFUSEDRL_WITH_CUDA -gencode=arch=compute_90a,code=sm_90a -Icsrc/kernels
+//        bench/cpp/bench_nf4.cu csrc/kernels/nf4.cu csrc/kernels/nf4_cpu.cpp -o bench_nf4
+// Run: ./bench_nf4 [--repeats 20]. Exit status 0 when every validation passed, 1 otherwise, 2 on a CUDA error.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "half_cpu.h"
+#include "nf4.h"
+
+#define CUDA_CHECK(call)                                                                                      \
+  do {                                                                                                        \
+    const cudaError_t err_ = (call);                                                                          \
+    if (err_ != cudaSuccess) {                                                                                \
+      std::fprintf(stderr, "CUDA error %s at %s:%d: %s\n", cudaGetErrorName(err_), __FILE__, __LINE__,       \
+                   cudaGetErrorString(err_));                                                                 \
+      std::exit(2);                                                                                           \
+    }                                                                                                         \
+  } while (0)
+
+using fusedrl::Nf4DequantParams;
+using fusedrl::Nf4Dtype;
+using fusedrl::Nf4MatmulParams;
+using fusedrl::Nf4Weight;
+
+namespace {
+
+struct Shape {
+  const char* name;
+  int64_t n, k;
+};
+
+template <typename T>
+T* to_device(const std::vector<T>& h) {
+  T* d = nullptr;
+  CUDA_CHECK(cudaMalloc(&d, std::max<size_t>(1, h.size() * sizeof(T))));
+  CUDA_CHECK(cudaMemcpy(d, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
+  return d;
+}
+
+// A random NF4 weight on host and device (nested or plain statistics).
+struct Weight {
+  std::vector<uint8_t> packed, absmax_q;
+  std::vector<float> absmax, nested_absmax, nested_code;
+  Nf4Weight host, device;
+
+  Weight(int64_t n, int64_t k, bool nested, std::mt19937& rng) {
+    const int64_t numel = n * k, nblocks = (numel + 63) / 64;
+    std::uniform_int_distribution<int> byte(0, 255);
+    std::uniform_real_distribution<float> scale(0.01f, 0.1f), unit(-1.0f, 1.0f);
+    packed.resize((numel + 1) / 2);
+    for (auto& b : packed) b = static_cast<uint8_t>(byte(rng));
+    host.rows = device.rows = n;
+    host.cols = device.cols = k;
+    host.blocksize = device.blocksize = 64;
+    host.packed = packed.data();
+    device.packed = to_device(packed);
+    if (!nested) {
+      absmax.resize(nblocks);
+      for (auto& a : absmax) a = scale(rng);
+      host.absmax = absmax.data();
+      device.absmax = to_device(absmax);
+      return;
+    }
+    absmax_q.resize(nblocks);
+    for (auto& q : absmax_q) q = static_cast<uint8_t>(byte(rng));
+    nested_absmax.resize((nblocks + 255) / 256);
+    for (auto& a : nested_absmax) a = scale(rng);
+    nested_code.resize(256);
+    for (auto& c : nested_code) c = unit(rng);
+    std::sort(nested_code.begin(), nested_code.end());
+    host.absmax_q = absmax_q.data();
+    host.nested_absmax = nested_absmax.data();
+    host.nested_code = nested_code.data();
+    host.offset = device.offset = 0.05f;
+    device.absmax_q = to_device(absmax_q);
+    device.nested_absmax = to_device(nested_absmax);
+    device.nested_code = to_device(nested_code);
+  }
+};
+
+struct Timer {
+  void* flush = nullptr;
+  size_t flush_bytes = 0;
+  int repeats = 20;
+
+  Timer() {
+    int dev = 0, l2 = 0;
+    CUDA_CHECK(cudaGetDevice(&dev));
+    CUDA_CHECK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, dev));
+    flush_bytes = std::max<size_t>(size_t(256) << 20, size_t(4) * l2);
+    CUDA_CHECK(cudaMalloc(&flush, flush_bytes));
+  }
+
+  // median milliseconds of `repeats` launches, each after an L2 flush
+  template <typename F>
+  double time(F launch) {
+    cudaEvent_t a, b;
+    CUDA_CHECK(cudaEventCreate(&a));
+    CUDA_CHECK(cudaEventCreate(&b));
+    launch();  // warm-up
+    std::vector<float> ms;
+    for (int i = 0; i < repeats; ++i) {
+      CUDA_CHECK(cudaMemsetAsync(flush, i & 0xff, flush_bytes, 0));
+      CUDA_CHECK(cudaEventRecord(a, 0));
+      launch();
+      CUDA_CHECK(cudaEventRecord(b, 0));
+      CUDA_CHECK(cudaEventSynchronize(b));
+      float t = 0;
+      CUDA_CHECK(cudaEventElapsedTime(&t, a, b));
+      ms.push_back(t);
+    }
+    CUDA_CHECK(cudaEventDestroy(a));
+    CUDA_CHECK(cudaEventDestroy(b));
+    std::sort(ms.begin(), ms.end());
+    return ms[ms.size() / 2];
+  }
+};
+
+size_t element_size(Nf4Dtype d) { return d == Nf4Dtype::kFloat32 ? 4 : 2; }
+const char* dtype_name(Nf4Dtype d) {
+  return d == Nf4Dtype::kFloat32 ? "fp32" : (d == Nf4Dtype::kFloat16 ? "fp16" : "bf16");
+}
+
+bool bench_dequant(const Shape& s, bool nested, Nf4Dtype dtype, Timer& timer, double copy_gbps, std::mt19937& rng) {
+  Weight w(s.n, s.k, nested, rng);
+  const int64_t numel = s.n * s.k;
+  const size_t out_bytes = numel * element_size(dtype);
+  std::vector<uint8_t> ref(out_bytes), got(out_bytes);
+  Nf4DequantParams p;
+  p.w = w.host;
+  p.out = ref.data();
+  p.ld = s.k;
+  p.dtype = dtype;
+  fusedrl::nf4_dequantize_cpu(p, 0, (numel + 63) / 64);
+  void* out = nullptr;
+  CUDA_CHECK(cudaMalloc(&out, out_bytes));
+  CUDA_CHECK(cudaMemset(out, 0xff, out_bytes));  // poison: NaN in every dtype
+  p.w = w.device;
+  p.out = out;
+  CUDA_CHECK(fusedrl::nf4_dequantize_cuda(p, 0));
+  CUDA_CHECK(cudaMemcpy(got.data(), out, out_bytes, cudaMemcpyDeviceToHost));
+  const bool ok = std::memcmp(got.data(), ref.data(), out_bytes) == 0;
+  const double ms = timer.time([&] { CUDA_CHECK(fusedrl::nf4_dequantize_cuda(p, 0)); });
+  const double stat_bytes = nested ? (numel / 64) * 1.0 : (numel / 64) * 4.0;
+  const double bytes = numel / 2.0 + stat_bytes + out_bytes;
+  const double gbps = bytes / ms / 1e6;
+  std::printf("dequant %-10s %6lld x %-6lld %-6s %-4s  %8.4f ms  %7.1f GB/s  %5.2f x copy  %s\n", s.name,
+              static_cast<long long>(s.n), static_cast<long long>(s.k), nested ? "nested" : "plain",
+              dtype_name(dtype), ms, gbps, gbps / copy_gbps, ok ? "bit-exact" : "MISMATCH");
+  CUDA_CHECK(cudaFree(out));
+  return ok;
+}
+
+bool bench_matmul(const Shape& s, int64_t m, Timer& timer, std::mt19937& rng) {
+  constexpr int64_t kRank = 16;
+  Weight w(s.n, s.k, true, rng);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  auto bf16_vec = [&](int64_t count) {
+    std::vector<uint16_t> v(count);
+    for (auto& x : v) x = fusedrl::float_to_bf16(normal(rng));
+    return v;
+  };
+  const std::vector<uint16_t> x = bf16_vec(m * s.k), b = bf16_vec(s.n * kRank), bias = bf16_vec(s.n);
+  std::vector<float> lora(m * kRank);
+  for (auto& v : lora) v = 0.1f * normal(rng);
+  std::vector<uint16_t> ref(m * s.n), got(m * s.n);
+  Nf4MatmulParams p;
+  p.w = w.host;
+  p.x = x.data();
+  p.m = m;
+  p.y = ref.data();
+  p.ld_y = s.n;
+  p.dtype = Nf4Dtype::kBFloat16;
+  p.lora = lora.data();
+  p.lora_B = b.data();
+  p.rank = kRank;
+  p.bias = bias.data();
+  fusedrl::nf4_matmul_cpu(p, 0, s.n);
+  uint16_t* y = nullptr;
+  CUDA_CHECK(cudaMalloc(&y, got.size() * 2));
+  CUDA_CHECK(cudaMemset(y, 0xff, got.size() * 2));
+  p.w = w.device;
+  p.x = to_device(x);
+  p.y = y;
+  p.lora = to_device(lora);
+  p.lora_B = to_device(b);
+  p.bias = to_device(bias);
+  CUDA_CHECK(fusedrl::nf4_matmul_cuda(p, 0));
+  CUDA_CHECK(cudaMemcpy(got.data(), y, got.size() * 2, cudaMemcpyDeviceToHost));
+  // |x| ~ N(0, 1), |w| <= max absmax: float accumulation-order noise grows like sqrt(K).
+  float wmax = 0.0f;
+  for (int64_t b0 = 0; b0 < (s.n * s.k + 63) / 64; ++b0) wmax = std::max(wmax, std::fabs(fusedrl::nf4_block_scale(w.host, b0)));
+  const double noise = 1e-5 * std::sqrt(static_cast<double>(s.k)) * 4.0 * wmax;
+  int64_t bad = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    const double r = fusedrl::bf16_to_float(ref[i]), g = fusedrl::bf16_to_float(got[i]);
+    if (!(std::fabs(g - r) <= std::ldexp(1.0, -7) * std::fabs(r) + noise)) ++bad;
+  }
+  const double ms = timer.time([&] { CUDA_CHECK(fusedrl::nf4_matmul_cuda(p, 0)); });
+  const double bytes = s.n * s.k / 2.0 + (s.n * s.k / 64) + 2.0 * (m * s.k + s.n * kRank + m * s.n + s.n);
+  std::printf("matmul  %-10s %6lld x %-6lld M=%-3lld bf16  %8.4f ms  %7.1f GB/s  %s\n", s.name,
+              static_cast<long long>(s.n), static_cast<long long>(s.k), static_cast<long long>(m), ms,
+              bytes / ms / 1e6, bad == 0 ? "ok" : "MISMATCH");
+  if (bad) std::printf("  %lld of %zu outputs outside the tolerance\n", static_cast<long long>(bad), got.size());
+  CUDA_CHECK(cudaFree(y));
+  return bad == 0;
+}
+
+double copy_bandwidth(Timer& timer, size_t bytes) {
+  void *a = nullptr, *b = nullptr;
+  CUDA_CHECK(cudaMalloc(&a, bytes));
+  CUDA_CHECK(cudaMalloc(&b, bytes));
+  CUDA_CHECK(cudaMemset(a, 1, bytes));
+  const double ms = timer.time([&] { CUDA_CHECK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, 0)); });
+  CUDA_CHECK(cudaFree(a));
+  CUDA_CHECK(cudaFree(b));
+  return 2.0 * bytes / ms / 1e6;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Timer timer;
+  for (int i = 1; i + 1 < argc; ++i)
+    if (std::string(argv[i]) == "--repeats") timer.repeats = std::max(1, std::atoi(argv[i + 1]));
+  cudaDeviceProp prop;
+  CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+  const double copy_gbps = copy_bandwidth(timer, size_t(14336) * 4096 * 2);
+  std::printf("bench_nf4 on %s: cudaMemcpy D2D %.1f GB/s (read + write, %zu MiB)\n", prop.name, copy_gbps,
+              size_t(14336) * 4096 * 2 >> 20);
+  const std::vector<Shape> shapes = {{"llama-q", 4096, 4096}, {"llama-up", 14336, 4096}, {"llama-down", 4096, 14336},
+                                     {"qwen3-up", 9728, 2560}, {"odd", 37, 100}};
+  std::mt19937 rng(1234);
+  bool ok = true;
+  for (const Shape& s : shapes)
+    for (bool nested : {false, true})
+      for (Nf4Dtype d : {Nf4Dtype::kBFloat16, Nf4Dtype::kFloat16, Nf4Dtype::kFloat32})
+        ok &= bench_dequant(s, nested, d, timer, copy_gbps, rng);
+  for (const Shape& s : shapes) {
+    if (s.k % 32 != 0) continue;  // the fused kernel needs K % 32 == 0 (the op falls back otherwise)
+    for (int64_t m : {1, 4, 8, 16}) ok &= bench_matmul(s, m, timer, rng);
+  }
+  std::printf("bench_nf4: %s\n", ok ? "all validations passed" : "VALIDATION FAILED");
+  return ok ? 0 : 1;
+}

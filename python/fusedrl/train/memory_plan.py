@@ -1,0 +1,194 @@
+"""Memory plan of one GRPO micro-batch step: the peak GPU memory estimated from the model's shape, the batch and the
+context, before anything runs; the checkpointing mode (plain / offloaded) and MLP chunk size that fit.
+
+Terms (N = batch x sequence tokens of one micro-batch, d = bytes of the compute dtype, H hidden, I MLP width,
+K = key/value width, L layers):
+  weights          every parameter and buffer as stored;
+  optimizer        per trainable parameter: its gradient (own dtype) + AdamW's two fp32 moments;
+  checkpoints      one layer input per layer, N*H*d each: L of them on the device without offload; with offload the
+                   last layer's plus the two device slots (3);
+  layer working    the peak inside one layer's recompute + backward: attention's saved tensors N*d*(5H + 4K)
+                   (norm output, q, rotated q, attention output, o-proj output; k, v and their rotated copies), the
+                   MLP's N*d*(H + 7I): its input, the four saved (N, I) tensors (gate, up, act, product) and three
+                   of their gradients in flight — or, chunked by c tokens, N*d*H + c*d*7I — and 3*N*H*d of
+                   gradients in flight;
+  loss             the final-norm input and output, the completion hidden states' contiguous copy and the fused
+                   op's (N, H) gradient direction: 4*N*H*d, plus one 256 MiB chunk of logits; with transformers'
+                   own checkpointing also the two float32 (N, H) copies its RMSNorm saves (fusedrl's checkpointing,
+                   i.e. offload or MLP chunks, recomputes the final norm instead);
+  engine           the rollout engine's KV cache when it is not freed during training (passed in);
+  overhead         5% for allocator rounding and fragmentation.
+peak = weights + optimizer + engine + checkpoints + max(layer working, loss), times the overhead factor.
+The estimate is checked against measured peaks (tests/train/test_memory_plan.py on CUDA, bench/bench_step.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+GiB = float(2**30)
+LOGITS_CHUNK_BYTES = 256 << 20  # the fused loss's chunk of logits on CUDA
+OVERHEAD = 1.05
+# Tried in this order (cheapest first) when the user has not chosen: (offload, mlp chunk tokens or None).
+CANDIDATES = ((False, None), (False, 8192), (True, 8192), (True, 4096), (True, 2048), (True, 1024))
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the plan needs to know about a decoder LM."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    kv_width: int  # num_key_value_heads * head_dim
+    weight_bytes: int
+    trainable_params: int
+    trainable_bytes: int
+    compute_bytes: int = 2  # bytes per activation element (bf16/fp16: 2, fp32: 4)
+
+    @classmethod
+    def of(cls, model: torch.nn.Module, compute_dtype: torch.dtype | None = None) -> ModelShape:
+        from fusedrl.model.hidden import _causal_lm_of
+
+        config = _causal_lm_of(model).config.get_text_config()
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        params = list(model.parameters())
+        trainable = [p for p in params if p.requires_grad]
+        weight_bytes = sum(p.numel() * p.element_size() for p in params)
+        weight_bytes += sum(b.numel() * b.element_size() for b in model.buffers())
+        dtype = compute_dtype or next(p.dtype for p in params if p.is_floating_point())
+        return cls(
+            hidden=config.hidden_size,
+            intermediate=config.intermediate_size,
+            layers=config.num_hidden_layers,
+            kv_width=kv_heads * head_dim,
+            weight_bytes=weight_bytes,
+            trainable_params=sum(p.numel() for p in trainable),
+            trainable_bytes=sum(p.numel() * p.element_size() for p in trainable),
+            compute_bytes=torch.empty(0, dtype=dtype).element_size(),
+        )
+
+
+@dataclass
+class MemoryPlan:
+    """The estimate of one configuration, term by term (bytes)."""
+
+    tokens: int
+    offload: bool
+    mlp_chunk_tokens: int | None
+    terms: dict[str, int] = field(default_factory=dict)
+    pinned_host_bytes: int = 0
+
+    @property
+    def peak_bytes(self) -> int:
+        t = self.terms
+        resident = t["weights"] + t["optimizer"] + t["engine"] + t["checkpoints"]
+        return int(OVERHEAD * (resident + max(t["layer_working"], t["loss"])))
+
+    def describe(self, free_bytes: int | None = None) -> str:
+        mode = "offloaded checkpoints" if self.offload else "checkpoints on the GPU"
+        chunk = f"MLP chunks of {self.mlp_chunk_tokens} tokens" if self.mlp_chunk_tokens else "unchunked MLP"
+        terms = ", ".join(f"{name} {value / GiB:.2f}" for name, value in self.terms.items())
+        text = (f"memory plan: {self.tokens} tokens per micro-batch, {mode}, {chunk}: "
+                f"peak ~{self.peak_bytes / GiB:.1f} GiB")
+        if free_bytes is not None:
+            text += f" of {free_bytes / GiB:.1f} GiB free"
+        if self.pinned_host_bytes:
+            text += f", {self.pinned_host_bytes / GiB:.1f} GiB pinned host"
+        return f"{text} ({terms} GiB)"
+
+
+def estimate(shape: ModelShape, batch: int, sequence: int, *, offload: bool, mlp_chunk_tokens: int | None,
+             engine_bytes: int = 0) -> MemoryPlan:
+    """The plan of one micro-batch of `batch` sequences of `sequence` tokens (prompt + completion)."""
+    for name, value in (("batch", batch), ("sequence", sequence)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if mlp_chunk_tokens is not None and (not isinstance(mlp_chunk_tokens, int) or mlp_chunk_tokens < 1):
+        raise ValueError(f"mlp_chunk_tokens must be None or an int >= 1, got {mlp_chunk_tokens!r}")
+    n, d, h, i, k = batch * sequence, shape.compute_bytes, shape.hidden, shape.intermediate, shape.kv_width
+    layer_input = n * h * d
+    on_device = min(3, shape.layers) if offload else shape.layers
+    attention = n * d * (5 * h + 4 * k)
+    if mlp_chunk_tokens is None or mlp_chunk_tokens >= n:
+        mlp = n * d * (h + 7 * i)
+    else:
+        mlp = n * d * h + mlp_chunk_tokens * d * 7 * i
+    terms = {
+        "weights": shape.weight_bytes,
+        "optimizer": shape.trainable_bytes + 8 * shape.trainable_params,
+        "engine": engine_bytes,
+        "checkpoints": on_device * layer_input,
+        "layer_working": attention + mlp + 3 * layer_input,
+        "loss": 4 * layer_input + LOGITS_CHUNK_BYTES + (0 if offload or mlp_chunk_tokens else 8 * n * h),
+    }
+    pinned = (shape.layers - 1) * ((layer_input + 255) // 256 * 256) if offload else 0
+    return MemoryPlan(tokens=n, offload=offload, mlp_chunk_tokens=mlp_chunk_tokens, terms=terms,
+                      pinned_host_bytes=pinned)
+
+
+def choose(shape: ModelShape, batch: int, sequence: int, budget_bytes: int, *, offload: bool | None = None,
+           mlp_chunk_tokens: int | None = None, engine_bytes: int = 0, chunk_given: bool = False,
+           host_budget_bytes: int | None = None) -> MemoryPlan:
+    """The cheapest configuration whose estimated peak fits `budget_bytes` (and whose pinned host arena fits
+    `host_budget_bytes`, when given), among those the user left open (`offload` None = either; `chunk_given` = keep
+    `mlp_chunk_tokens` as given). Raises MemoryError saying what would fit when none does."""
+    candidates = [(o, c) for o, c in CANDIDATES if offload is None or o == offload]
+    if chunk_given:
+        candidates = list(dict.fromkeys((o, mlp_chunk_tokens) for o, _ in candidates))
+    plans = [estimate(shape, batch, sequence, offload=o, mlp_chunk_tokens=c, engine_bytes=engine_bytes)
+             for o, c in candidates]
+    for plan in plans:
+        host_ok = host_budget_bytes is None or plan.pinned_host_bytes <= host_budget_bytes
+        if plan.peak_bytes <= budget_bytes and host_ok:
+            return plan
+    best = min(plans, key=lambda p: p.peak_bytes)
+    longest = longest_sequence(shape, batch, budget_bytes, offload=best.offload,
+                               mlp_chunk_tokens=best.mlp_chunk_tokens, engine_bytes=engine_bytes)
+    if best.peak_bytes <= budget_bytes:  # the GPU would hold it; the host cannot pin the offloaded inputs
+        raise MemoryError(
+            f"this step does not fit: {best.describe(budget_bytes)}, but only {host_budget_bytes / GiB:.1f} GiB of "
+            "host memory is available to pin; shorten the sequences or free host memory"
+        )
+    fits = (f"at most {longest} tokens per sequence fit with this setting" if longest
+            else "not even 1 token per sequence fits: the weights and optimizer state alone exceed it")
+    raise MemoryError(
+        f"this step does not fit: {best.describe(budget_bytes)}. With {batch} sequences per micro-batch {fits}; "
+        "lower max_completion_length / max_prompt_length or per_device_train_batch_size, or raise "
+        "gradient_accumulation_steps"
+    )
+
+
+def available_host_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (Linux), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def longest_sequence(shape: ModelShape, batch: int, budget_bytes: int, *, offload: bool,
+                     mlp_chunk_tokens: int | None, engine_bytes: int = 0) -> int:
+    """The longest sequence (tokens) whose estimated peak fits the budget; 0 when none does (bisection)."""
+    def fits(sequence: int) -> bool:
+        plan = estimate(shape, batch, sequence, offload=offload, mlp_chunk_tokens=mlp_chunk_tokens,
+                        engine_bytes=engine_bytes)
+        return plan.peak_bytes <= budget_bytes
+
+    if not fits(1):
+        return 0
+    low, high = 1, 2
+    while fits(high) and high < 1 << 24:
+        low, high = high, high * 2
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low

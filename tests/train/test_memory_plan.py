@@ -1,0 +1,111 @@
+"""The memory plan's arithmetic (CPU) and its estimate against a measured peak (CUDA)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from fusedrl.train.memory_plan import GiB, ModelShape, choose, estimate, longest_sequence
+
+LLAMA_8B = ModelShape(hidden=4096, intermediate=14336, layers=32, kv_width=1024, weight_bytes=16_060_522_496,
+                      trainable_params=41_943_040, trainable_bytes=4 * 41_943_040)
+
+
+def test_offload_keeps_three_layer_inputs_and_pins_the_rest():
+    plain = estimate(LLAMA_8B, 8, 16384, offload=False, mlp_chunk_tokens=None)
+    offloaded = estimate(LLAMA_8B, 8, 16384, offload=True, mlp_chunk_tokens=None)
+    layer_input = 8 * 16384 * 4096 * 2
+    assert plain.terms["checkpoints"] == 32 * layer_input and offloaded.terms["checkpoints"] == 3 * layer_input
+    assert offloaded.pinned_host_bytes == 31 * layer_input and plain.pinned_host_bytes == 0
+    assert abs(plain.peak_bytes - offloaded.peak_bytes - 1.05 * 29 * layer_input) <= 2
+
+
+def test_chunked_mlp_working_set_does_not_grow_with_the_mlp_width_times_tokens():
+    small = estimate(LLAMA_8B, 8, 4096, offload=True, mlp_chunk_tokens=4096)
+    large = estimate(LLAMA_8B, 8, 32768, offload=True, mlp_chunk_tokens=4096)
+    unchunked = estimate(LLAMA_8B, 8, 32768, offload=True, mlp_chunk_tokens=None)
+    chunk_part = 4096 * 2 * 7 * 14336
+    growth = large.terms["layer_working"] - small.terms["layer_working"]
+    assert growth == 8 * (32768 - 4096) * 2 * (5 * 4096 + 4 * 1024 + 4096 + 3 * 4096)  # per-token terms only
+    assert unchunked.terms["layer_working"] - large.terms["layer_working"] == 8 * 32768 * 2 * 7 * 14336 - chunk_part
+
+
+def test_choose_prefers_plain_checkpointing_then_offload_and_fails_early_with_what_fits():
+    roomy = choose(LLAMA_8B, 8, 2048, 140 * 2**30)
+    assert not roomy.offload and roomy.mlp_chunk_tokens is None
+    tight = choose(LLAMA_8B, 8, 16384, 45 * 2**30)
+    assert tight.offload and tight.peak_bytes <= 45 * 2**30
+    forced = choose(LLAMA_8B, 8, 4096, 140 * 2**30, offload=True)
+    assert forced.offload
+    with pytest.raises(MemoryError, match=r"at most \d+ tokens per sequence fit"):
+        choose(LLAMA_8B, 8, 200_000, 80 * 2**30)
+    with pytest.raises(MemoryError, match="weights and optimizer state alone"):
+        choose(LLAMA_8B, 8, 1024, 10 * 2**30)
+
+
+def test_choose_skips_offload_when_the_host_cannot_pin_it():
+    with pytest.raises(MemoryError, match="host memory is available to pin"):
+        choose(LLAMA_8B, 8, 16384, 45 * 2**30, host_budget_bytes=8 * 2**30)
+    assert choose(LLAMA_8B, 8, 16384, 45 * 2**30, host_budget_bytes=40 * 2**30).offload
+
+
+def test_longest_sequence_is_the_boundary():
+    budget = 80 * 2**30
+    longest = longest_sequence(LLAMA_8B, 8, budget, offload=True, mlp_chunk_tokens=4096)
+    assert estimate(LLAMA_8B, 8, longest, offload=True, mlp_chunk_tokens=4096).peak_bytes <= budget
+    assert estimate(LLAMA_8B, 8, longest + 1, offload=True, mlp_chunk_tokens=4096).peak_bytes > budget
+    assert longest >= 32768  # the issue's target shape fits by the estimate
+
+
+@pytest.mark.errors
+def test_estimate_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="batch must be an int >= 1"):
+        estimate(LLAMA_8B, 0, 10, offload=False, mlp_chunk_tokens=None)
+    with pytest.raises(ValueError, match="mlp_chunk_tokens must be None or an int >= 1"):
+        estimate(LLAMA_8B, 1, 10, offload=False, mlp_chunk_tokens=0)
+
+
+def _llama(hidden: int, layers: int) -> transformers.LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=512, hidden_size=hidden, intermediate_size=hidden * 3,
+                                      num_hidden_layers=layers, num_attention_heads=hidden // 64,
+                                      num_key_value_heads=hidden // 256, max_position_embeddings=8192)
+    return transformers.LlamaForCausalLM(config)
+
+
+def test_model_shape_of_a_peft_model():
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(_llama(256, 2), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    shape = ModelShape.of(model, torch.bfloat16)
+    assert (shape.hidden, shape.intermediate, shape.layers, shape.kv_width) == (256, 768, 2, 64)
+    assert shape.trainable_params == 2 * ((4 * 256 + 256 * 4) + (4 * 256 + 64 * 4))  # layers x (q: A, B + v: A, B)
+    assert shape.compute_bytes == 2
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("offload,chunk", [(False, None), (True, 1024)])
+def test_estimate_against_measured_peak_on_cuda(offload, chunk):
+    """Forward + backward of a LoRA Llama (hidden 1024, 4 layers, 4 x 2048 tokens) under the plan's settings. The
+    estimate leaves out cuBLAS workspaces and the allocator's block rounding, which weigh more at this small size
+    than at the benchmark's (where it must land within 10%): here it must land within 25%."""
+    peft = pytest.importorskip("peft")
+    from fusedrl.model.hidden import forward_hidden
+    from fusedrl.nn.offload import OffloadedCheckpointing
+
+    model = _llama(1024, 4).to("cuda", torch.bfloat16)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=16, target_modules="all-linear"))
+    OffloadedCheckpointing.install(model, offload=offload, mlp_chunk_tokens=chunk, min_offload_bytes=0)
+    ids = torch.randint(0, 512, (4, 2049), device="cuda")
+    shape = ModelShape.of(model, torch.bfloat16)
+    plan = estimate(shape, 4, 2048, offload=offload, mlp_chunk_tokens=chunk)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    for _ in range(2):  # the second step has the optimizer state
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        hidden = forward_hidden(model, ids, torch.ones_like(ids), logits_to_keep=1024)
+        (hidden.float() ** 2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    measured = torch.cuda.max_memory_allocated()
+    assert abs(plan.peak_bytes - measured) <= 0.25 * measured, (plan.describe(), measured / GiB)
