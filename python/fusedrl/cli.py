@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from fusedrl.demo import demo_run_config
+from fusedrl.demo import announce_demo, demo_run_config, print_eval_lines
 from fusedrl.run_config import RUN_CONFIG_FILE, ConfigError, RunConfig, load_run_config, run_config_from_mapping
 
 __all__ = ["ConfigError", "build_parser", "demo_run_config", "load_run_config", "main", "run_config_from_mapping"]
@@ -83,6 +83,12 @@ def command_train(args: argparse.Namespace) -> int:
         restore_trainer_checkpoint(trainer, resume_from)  # raises CheckpointError before anything is written
 
     callbacks = default_callbacks(config)
+    import torch
+
+    if not torch.cuda.is_available():  # a CPU run: one torch thread per free core, re-checked every step
+        from fusedrl.threads import ThreadTuner
+
+        callbacks.insert(0, ThreadTuner())
     for callback in callbacks:
         trainer.add_callback(callback)
     (output_dir / RUN_CONFIG_FILE).write_text(json.dumps(run.to_json(), indent=2), encoding="utf-8")
@@ -95,8 +101,9 @@ def command_train(args: argparse.Namespace) -> int:
     print(
         f"fusedrl: done: {trainer.state.global_step} steps; run directory {output_dir}"
         + (f"; adapter {final}" if final else "")
-        + f"; curves {picture}"
+        + f"\nfusedrl: reward curve: {picture}"
     )
+    print_eval_lines(run, final)
     return 0
 
 
@@ -107,8 +114,8 @@ def _run_config_of(args: argparse.Namespace) -> RunConfig:
     elif args.resume is not None and (Path(args.resume) / RUN_CONFIG_FILE).is_file():
         run = load_run_config(Path(args.resume) / RUN_CONFIG_FILE)
     else:
-        run = demo_run_config()
-        print("fusedrl: no config file given: running the offline demo (SmolLM2-135M-Instruct on GSM8K problems)")
+        run = demo_run_config(args.demo)
+        announce_demo(args.demo, run)
     if args.output_dir is not None:
         run.train["output_dir"] = args.output_dir
     elif args.resume is not None:
@@ -161,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RUN_DIR",
         help="continue from RUN_DIR's latest checkpoint",
     )
+    train.add_argument("--demo", metavar="NAME", help="without a config: which demo, 'sums' (default) or 'gsm8k'")
     train.add_argument("--max-steps", type=int, metavar="N", help="override max_steps")
     train.add_argument("--output-dir", metavar="DIR", help="override output_dir (the run directory)")
     train.set_defaults(handler=command_train)
@@ -173,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--adapter", type=Path, help="LoRA adapter folder (e.g. RUN_DIR/final_adapter)")
     evaluate.add_argument("--limit", type=int, default=20, help="number of held-out problems (default 20)")
-    evaluate.add_argument("--dataset", default="gsm8k-offline", help="gsm8k-offline | gsm8k | FILE.jsonl")
+    evaluate.add_argument("--dataset", default="gsm8k-offline", help="sums | gsm8k-offline | gsm8k | FILE.jsonl")
     evaluate.add_argument("--max-new-tokens", type=int, default=256)
     evaluate.add_argument("--show", type=int, default=2, help="completions to print")
     evaluate.set_defaults(handler=command_eval)
@@ -193,6 +201,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from fusedrl.train.checkpoint_files import CheckpointError
 
+    if getattr(args, "demo", None) is not None and args.config is not None:
+        print("fusedrl: error: --demo runs a built-in config; give either a config file or --demo", file=sys.stderr)
+        return 2
+    if args.command == "eval":
+        from fusedrl.threads import use_free_cores
+
+        use_free_cores()
     try:
         return args.handler(args)
     except (ConfigError, CheckpointError, FileNotFoundError, NotADirectoryError) as error:

@@ -1,4 +1,4 @@
-"""`fusedrl eval`: greedy accuracy of a model (and adapter) on held-out GSM8K problems."""
+"""`fusedrl eval`: greedy accuracy of a model (and adapter) on held-out GSM8K problems or one-digit sums."""
 
 from __future__ import annotations
 
@@ -13,6 +13,12 @@ from fusedrl.run_config import ConfigError
 
 def held_out_problems(limit: int, dataset: str) -> Any:
     """Problems not used by the demo's training: the last `limit` of the seed-0 shuffle (offline), or GSM8K test."""
+    if dataset == "sums":
+        from fusedrl.data.sums import HELD_OUT, sums_dataset
+
+        if not 1 <= limit <= HELD_OUT:
+            raise ConfigError(f"--limit: expected 1..{HELD_OUT} held-out sums, got {limit}")
+        return sums_dataset("test", limit)
     if dataset == "gsm8k-offline":
         from fusedrl.data.gsm8k import load_offline_gsm8k
 
@@ -30,11 +36,13 @@ def evaluate_greedy(
     problems: Any,
     max_new_tokens: int,
     batch_size: int = 8,
+    dataset: str = "gsm8k",
 ) -> tuple[float, list[dict[str, Any]]]:
-    """Fraction of problems whose greedy completion earns correctness_reward's full score, and the samples."""
+    """Fraction of problems whose greedy completion is right, and the samples. Right: correctness_reward > 0 (the
+    XML answer equals the truth), or for "sums" number_answer_reward == 1 (just the number)."""
     import torch
 
-    from fusedrl.rewards import correctness_reward
+    from fusedrl.rewards import correctness_reward, number_answer_reward
     from fusedrl.rollout import BuiltinEngine, SamplingConfig
     from fusedrl.train.batching import tokenize_prompts
 
@@ -52,7 +60,10 @@ def evaluate_greedy(
             [ids[:n].tolist() for ids, n in zip(out.completion_ids, lengths)],
             skip_special_tokens=True,
         )
-        scores = correctness_reward(rows["prompt"], texts, answer=list(rows["answer"]))
+        if dataset == "sums":
+            scores = [s == 1.0 for s in number_answer_reward(rows["prompt"], texts, answer=list(rows["answer"]))]
+        else:
+            scores = correctness_reward(rows["prompt"], texts, answer=list(rows["answer"]))
         samples += [
             {"answer": a, "completion": t, "correct": bool(s and s > 0)}
             for a, t, s in zip(rows["answer"], texts, scores)
@@ -83,7 +94,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.adapter is not None:
         model = load_lora(model, args.adapter)
     problems = held_out_problems(args.limit, args.dataset)
-    accuracy, samples = evaluate_greedy(model, tokenizer, problems, args.max_new_tokens)
+    accuracy, samples = evaluate_greedy(model, tokenizer, problems, args.max_new_tokens, dataset=args.dataset)
     for sample in samples[: args.show]:
         print(f"--- answer {sample['answer']} ({'correct' if sample['correct'] else 'wrong'})\n{sample['completion']}")
     print(

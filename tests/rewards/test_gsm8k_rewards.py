@@ -100,6 +100,7 @@ def test_registry() -> None:
         "soft_format_reward",
         "xmlcount_reward",
         "proximity_reward",
+        "number_answer_reward",
     }
     assert get_reward_function("int_reward") is int_reward
     with pytest.raises(ValueError, match="correctness_reward"):

@@ -1,4 +1,4 @@
-"""The prompt datasets `fusedrl train` and `fusedrl eval` read: offline GSM8K, GSM8K from the Hub, a .jsonl file."""
+"""The prompt datasets `fusedrl train` and `fusedrl eval` read: one-digit sums, offline GSM8K, GSM8K from the Hub, a .jsonl file."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from fusedrl.run_config import ConfigError
 
 
 def build_dataset(spec: dict[str, Any], default_split: str = "train") -> Any:
-    """[dataset] name: "gsm8k-offline" (packaged problems), "gsm8k" (the Hub), or a local .jsonl file."""
+    """[dataset] name: "sums" (the quick demo's one-digit sums), "gsm8k-offline" (packaged problems), "gsm8k" (the Hub), or a local .jsonl file."""
     name = spec.get("name", "gsm8k-offline")
     limit = spec.get("limit")
     seed = spec.get("seed", 0)
@@ -20,6 +20,13 @@ def build_dataset(spec: dict[str, Any], default_split: str = "train") -> Any:
             return load_offline_gsm8k(limit, seed=seed)
         except RuntimeError as error:  # the package with the offline problems is missing: says how to install it
             raise ConfigError(str(error)) from error
+    if name == "sums":
+        from fusedrl.data.sums import sums_dataset
+
+        try:
+            return sums_dataset(spec.get("split", default_split), limit)
+        except ValueError as error:
+            raise ConfigError(f"[dataset] {error}") from error
     if name == "gsm8k":
         from fusedrl.data.gsm8k import load_gsm8k
 
@@ -27,7 +34,7 @@ def build_dataset(spec: dict[str, Any], default_split: str = "train") -> Any:
     elif str(name).endswith((".jsonl", ".json")):
         dataset = _load_jsonl_dataset(Path(name))
     else:
-        raise ConfigError(f"[dataset] name: expected 'gsm8k-offline', 'gsm8k' or a .jsonl file, got {name!r}")
+        raise ConfigError(f"[dataset] name: expected 'sums', 'gsm8k-offline', 'gsm8k' or a .jsonl file, got {name!r}")
     return dataset.select(range(min(limit, len(dataset)))) if limit is not None else dataset
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 
+from fusedrl.rewards.arithmetic import number_answer_reward
 from fusedrl.rewards.gsm8k import (
     correctness_reward,
     int_reward,
@@ -26,6 +27,7 @@ REWARD_FUNCTIONS: dict[str, RewardFunction] = {
         soft_format_reward,
         xmlcount_reward,
         proximity_reward,
+        number_answer_reward,
     )
 }
 
@@ -46,6 +48,7 @@ __all__ = [
     "get_reward_function",
     "int_reward",
     "make_proximity_reward",
+    "number_answer_reward",
     "proximity_reward",
     "soft_format_reward",
     "strict_format_reward",
