@@ -24,13 +24,12 @@ import argparse
 import json
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+import fusedrl_import  # noqa: E402,F401  the installed fusedrl, else the source tree
 
 from fusedrl.ops import nf4_dequantize, nf4_lora_linear, nf4_quantize  # noqa: E402
 

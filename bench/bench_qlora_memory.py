@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "python"))
+import fusedrl_import  # noqa: E402,F401  the installed fusedrl, else the source tree
 
 GIB = float(1 << 30)
 TARGET_GIB = 6.0

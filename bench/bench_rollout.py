@@ -24,10 +24,7 @@ from types import SimpleNamespace
 import torch
 import transformers
 
-try:
-    import fusedrl  # noqa: F401  the installed package, with its compiled ops (the GPU machine pip-installs it)
-except ImportError:  # a source checkout run with the library built by scripts/dev_build.sh
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+import fusedrl_import  # noqa: E402,F401  the installed fusedrl, else the source tree
 from fusedrl.rollout import BuiltinEngine, SamplingConfig  # noqa: E402
 from fusedrl.rollout.static_decode import StaticDecodeLoop  # noqa: E402
 

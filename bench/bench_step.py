@@ -30,7 +30,7 @@ import torch
 import transformers
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "python"))
+import fusedrl_import  # noqa: E402,F401  the installed fusedrl, else the source tree
 
 from fusedrl import GRPOConfig, GRPOTrainer  # noqa: E402
 from fusedrl.model.tiny import tiny_word_tokenizer  # noqa: E402
