@@ -261,20 +261,17 @@ class GRPOTrainer:
 
     def _assemble_callbacks(self) -> list[Any]:
         """Default callbacks (what args asks to be written) not replaced by a user's one of the same kind, then the
-        user's."""
+        user's. The defaults are made afresh for every train() call: the previous call's logger closed its files."""
         from fusedrl.train.callbacks import default_callbacks
 
-        if self.callbacks:  # train() called again: keep the same objects
-            return self.callbacks
         kinds = tuple(type(callback) for callback in self.user_callbacks)
         defaults = [callback for callback in default_callbacks(self.args) if not isinstance(callback, kinds)]
         return defaults + self.user_callbacks
 
     def add_callback(self, callback: Any) -> None:
-        """Call `callback`'s on_train_begin / on_log / on_step_end / on_train_end (those it defines) from now on."""
+        """Call `callback`'s on_train_begin / on_log / on_step_end / on_train_end (those it defines) from the next
+        train() call on."""
         self.user_callbacks.append(callback)
-        if self.callbacks:  # already assembled by train()
-            self.callbacks.append(callback)
 
     def _notify(self, event: str, payload: Any) -> None:
         for callback in self.callbacks:
