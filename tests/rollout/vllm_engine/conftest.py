@@ -24,11 +24,17 @@ def shared_model():
     except (FileNotFoundError, ImportError) as error:
         pytest.skip(f"offline SmolLM2-135M-Instruct unavailable: {error}")
     torch.manual_seed(0)
-    return load_model(
-        folder,
-        dtype=torch.float32,
-        lora=LoraConfig(r=8, lora_alpha=16),
-        gradient_checkpointing=False,
-        max_seq_length=MAX_SEQ_LENGTH,
-        fast_inference=True,
-    )
+    # vLLM's CPU worker replaces torch.set_num_threads with a no-op for the rest of the process; give the other test
+    # modules of this session (tests/test_threads.py sets threads) the real one back once the engine is built.
+    set_num_threads = torch.set_num_threads
+    try:
+        return load_model(
+            folder,
+            dtype=torch.float32,
+            lora=LoraConfig(r=8, lora_alpha=16),
+            gradient_checkpointing=False,
+            max_seq_length=MAX_SEQ_LENGTH,
+            fast_inference=True,
+        )
+    finally:
+        torch.set_num_threads = set_num_threads
