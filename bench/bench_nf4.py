@@ -10,11 +10,13 @@ of
   bf16      a bf16 nn.Linear wrapped by peft LoRA (the dense baseline)
 and the dequantization bandwidth: fusedrl nf4_dequantize and bitsandbytes dequantize_4bit (bf16 out) in GB/s
 (4-bit bytes read + 16-bit bytes written) against a bf16 device copy of the same output (read + write).
+The dequant rows time one Python call of nf4_dequantize: at q/k/v sizes (8-32 MiB of output, a few microseconds of
+kernel) that is the per-call dispatch, not the kernel; the kernel's own bandwidth is bench/cpp/bench_nf4's.
 Median of CUDA-event-timed repeats; peak GiB is max_memory_allocated during the step over what was allocated
 before it. Targets (issue 12): M >= 4096 fwd+bwd fusedrl <= 1.05 x bf16 and faster than bnb; M <= 16 fwd fusedrl
 faster than bf16 and >= 2 x faster than bnb; dequant >= 0.85 x copy. Prints a table, writes --json.
 
-  python bench/bench_nf4.py --json bench_nf4.json [--time-budget 200]
+  python bench/bench_nf4.py --json bench_nf4.json [--time-budget 200] [--quick]
   python bench/bench_nf4.py --cpu-smoke           # CPU: tiny shapes, checks every path runs
 """
 
@@ -206,7 +208,10 @@ def main() -> int:
     parser.add_argument("--tokens", default=",".join(map(str, TOKENS)))
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--time-budget", type=float, default=1e9, help="seconds; later shapes are skipped")
+    parser.add_argument("--quick", action="store_true", help="Llama-3.1-8B shapes, M = 1, 8, 4096 only")
     args = parser.parse_args()
+    if args.quick:
+        args.models, args.tokens = "llama3.1-8b", "1,8,4096"
     device = torch.device("cpu" if args.cpu_smoke else "cuda")
     dtype = torch.bfloat16
     if args.cpu_smoke:
@@ -263,7 +268,8 @@ def print_rows(rows: list[dict], names: list[str]) -> None:
     print(f"-- {', '.join(names)}  {rows[0]['shape'] if rows else ''}")
     for r in rows:
         if r["kind"] == "dequant":
-            print(f"   dequant {r['impl']:8s} {r['ms']:8.3f} ms {r['gbps']:8.1f} GB/s {r['x_copy']:5.2f} x copy")
+            print(f"   dequant {r['impl']:8s} {r['ms']:8.3f} ms {r['gbps']:8.1f} GB/s {r['x_copy']:5.2f} x copy"
+                  " (one Python call: dispatch-bound at these sizes; kernel: bench/cpp/bench_nf4)")
     layer = [r for r in rows if r["kind"] == "layer"]
     for mode in ("fwd", "fwd+bwd"):
         for m in sorted({r["m"] for r in layer}):

@@ -1,10 +1,11 @@
 // bench_nf4: validates and times the torch-free NF4 kernels (csrc/kernels/nf4.h) on one GPU.
 //
-// What it measures, per weight shape (N, K) (Llama-3.1-8B projections, one Qwen3-4B one, an odd shape for the
-// scalar path):
+// What it measures, per weight shape (N, K) (Llama-3.1-8B projections incl. the fused gate_up (235 MB of bf16
+// output), one Qwen3-4B one, odd shapes for the tails and the scalar path):
 //   dequant   nf4_dequantize_cuda, packed (N*K/2 bytes) + absmax -> W (N, K) bf16 / fp16 / fp32, plain and nested
-//             absmax. GB/s counts bytes read + written; "x copy" compares with cudaMemcpy device-to-device of the
-//             output's size (read + write), measured in the same run: the target is >= 0.85.
+//             absmax, blocksize 64 (128 and 256 on one shape), contiguous and padded (ld > K) outputs. GB/s counts
+//             bytes read + written; "x copy" = (ms of a cudaMemcpy D2D moving the same bytes: it reads and writes
+//             half of them each) / (dequant ms), measured in the same run next to it: the target is >= 0.85.
 //   matmul    nf4_matmul_cuda, y (M, N) = x (M, K) @ W^T + lora (M, 16) @ B^T + bias, bf16, M = 1, 4, 8, 16.
 //             GB/s counts the 4-bit weight, x, B and y.
 // Validation before timing: outputs are poisoned (0xff bytes = NaN) before the launch; dequant is compared
@@ -68,15 +69,15 @@ struct Weight {
   std::vector<float> absmax, nested_absmax, nested_code;
   Nf4Weight host, device;
 
-  Weight(int64_t n, int64_t k, bool nested, std::mt19937& rng) {
-    const int64_t numel = n * k, nblocks = (numel + 63) / 64;
+  Weight(int64_t n, int64_t k, bool nested, std::mt19937& rng, int64_t blocksize = 64) {
+    const int64_t numel = n * k, nblocks = (numel + blocksize - 1) / blocksize;
     std::uniform_int_distribution<int> byte(0, 255);
     std::uniform_real_distribution<float> scale(0.01f, 0.1f), unit(-1.0f, 1.0f);
     packed.resize((numel + 1) / 2);
     for (auto& b : packed) b = static_cast<uint8_t>(byte(rng));
     host.rows = device.rows = n;
     host.cols = device.cols = k;
-    host.blocksize = device.blocksize = 64;
+    host.blocksize = device.blocksize = blocksize;
     host.packed = packed.data();
     device.packed = to_device(packed);
     if (!nested) {
@@ -146,32 +147,94 @@ const char* dtype_name(Nf4Dtype d) {
   return d == Nf4Dtype::kFloat32 ? "fp32" : (d == Nf4Dtype::kFloat16 ? "fp16" : "bf16");
 }
 
-bool bench_dequant(const Shape& s, bool nested, Nf4Dtype dtype, Timer& timer, double copy_gbps, std::mt19937& rng) {
-  Weight w(s.n, s.k, nested, rng);
-  const int64_t numel = s.n * s.k;
-  const size_t out_bytes = numel * element_size(dtype);
-  std::vector<uint8_t> ref(out_bytes), got(out_bytes);
+// median ms of a D2D copy of `bytes` (read once, written once)
+double copy_ms(Timer& timer, size_t bytes);
+
+// The small-M LoRA down-projection: lora (M, r) = s x A^T in float, against nf4_lora_down_cpu (relative 1e-5 of
+// sum |x||a|: float accumulation in another order).
+bool bench_lora_down(int64_t m, int64_t r, int64_t k, Timer& timer, std::mt19937& rng) {
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<uint16_t> x(m * k), a(r * k);
+  for (auto& v : x) v = fusedrl::float_to_bf16(normal(rng));
+  for (auto& v : a) v = fusedrl::float_to_bf16(normal(rng));
+  std::vector<float> ref(m * r), got(m * r);
+  fusedrl::Nf4LoraDownParams p;
+  p.x = x.data();
+  p.a = a.data();
+  p.lora = ref.data();
+  p.m = m;
+  p.rank = r;
+  p.k = k;
+  p.scaling = 2.0f;
+  fusedrl::nf4_lora_down_cpu(p);
+  float* out = nullptr;
+  CUDA_CHECK(cudaMalloc(&out, got.size() * 4));
+  CUDA_CHECK(cudaMemset(out, 0xff, got.size() * 4));
+  p.x = to_device(x);
+  p.a = to_device(a);
+  p.lora = out;
+  CUDA_CHECK(fusedrl::nf4_lora_down_cuda(p, 0));
+  CUDA_CHECK(cudaMemcpy(got.data(), out, got.size() * 4, cudaMemcpyDeviceToHost));
+  int64_t bad = 0;
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < r; ++j) {
+      double mag = 0;
+      for (int64_t t = 0; t < k; ++t)
+        mag += std::fabs(fusedrl::bf16_to_float(x[i * k + t]) * fusedrl::bf16_to_float(a[j * k + t]));
+      if (!(std::fabs(got[i * r + j] - ref[i * r + j]) <= 1e-5 * 2.0 * mag + 1e-30)) ++bad;
+    }
+  const double ms = timer.time([&] { CUDA_CHECK(fusedrl::nf4_lora_down_cuda(p, 0)); });
+  std::printf("lora_down M=%-3lld r=%-3lld K=%-6lld       %8.4f ms  %s\n", static_cast<long long>(m),
+              static_cast<long long>(r), static_cast<long long>(k), ms, bad == 0 ? "ok" : "MISMATCH");
+  CUDA_CHECK(cudaFree(out));
+  return bad == 0;
+}
+
+double copy_ms(Timer& timer, size_t bytes) {
+  void *a = nullptr, *b = nullptr;
+  CUDA_CHECK(cudaMalloc(&a, bytes));
+  CUDA_CHECK(cudaMalloc(&b, bytes));
+  CUDA_CHECK(cudaMemset(a, 1, bytes));
+  const double ms = timer.time([&] { CUDA_CHECK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, 0)); });
+  CUDA_CHECK(cudaFree(a));
+  CUDA_CHECK(cudaFree(b));
+  return ms;
+}
+
+// Dequantize (N, K) into an output of row stride ld (ld > K: the padded scratch the LoRA-folded GEMM uses).
+// Validated bit for bit on every element (poisoned first; padding columns must stay poisoned), then timed against a
+// D2D copy that moves the same number of bytes: it reads and writes (packed + statistics + output) / 2 bytes each,
+// so "x copy" = copy ms / dequant ms = dequant GB/s / copy GB/s at equal traffic (the target is >= 0.85).
+bool bench_dequant(const Shape& s, bool nested, Nf4Dtype dtype, Timer& timer, std::mt19937& rng,
+                   int64_t blocksize = 64, int64_t pad = 0) {
+  Weight w(s.n, s.k, nested, rng, blocksize);
+  const int64_t numel = s.n * s.k, ld = s.k + pad, nblocks = (numel + blocksize - 1) / blocksize;
+  const size_t elt = element_size(dtype), out_bytes = s.n * ld * elt;
+  std::vector<uint8_t> ref(out_bytes, 0xff), got(out_bytes);
   Nf4DequantParams p;
   p.w = w.host;
   p.out = ref.data();
-  p.ld = s.k;
+  p.ld = ld;
   p.dtype = dtype;
-  fusedrl::nf4_dequantize_cpu(p, 0, (numel + 63) / 64);
+  fusedrl::nf4_dequantize_cpu(p, 0, nblocks);
   void* out = nullptr;
   CUDA_CHECK(cudaMalloc(&out, out_bytes));
   CUDA_CHECK(cudaMemset(out, 0xff, out_bytes));  // poison: NaN in every dtype
   p.w = w.device;
   p.out = out;
   CUDA_CHECK(fusedrl::nf4_dequantize_cuda(p, 0));
+  CUDA_CHECK(cudaDeviceSynchronize());
   CUDA_CHECK(cudaMemcpy(got.data(), out, out_bytes, cudaMemcpyDeviceToHost));
   const bool ok = std::memcmp(got.data(), ref.data(), out_bytes) == 0;
   const double ms = timer.time([&] { CUDA_CHECK(fusedrl::nf4_dequantize_cuda(p, 0)); });
-  const double stat_bytes = nested ? (numel / 64) * 1.0 : (numel / 64) * 4.0;
-  const double bytes = numel / 2.0 + stat_bytes + out_bytes;
-  const double gbps = bytes / ms / 1e6;
-  std::printf("dequant %-10s %6lld x %-6lld %-6s %-4s  %8.4f ms  %7.1f GB/s  %5.2f x copy  %s\n", s.name,
-              static_cast<long long>(s.n), static_cast<long long>(s.k), nested ? "nested" : "plain",
-              dtype_name(dtype), ms, gbps, gbps / copy_gbps, ok ? "bit-exact" : "MISMATCH");
+  const double stat_bytes = nested ? nblocks * 1.0 + (nblocks / 256.0) * 4 : nblocks * 4.0;
+  const double bytes = numel / 2.0 + stat_bytes + static_cast<double>(numel) * elt;
+  const double copy = copy_ms(timer, static_cast<size_t>(bytes / 2));
+  std::printf("dequant %-10s %6lld x %-6lld ld %-6lld bs %-3lld %-6s %-4s  %8.4f ms  %7.1f GB/s  copy %7.1f GB/s  "
+              "%5.2f x copy  %s\n",
+              s.name, static_cast<long long>(s.n), static_cast<long long>(s.k), static_cast<long long>(ld),
+              static_cast<long long>(blocksize), nested ? "nested" : "plain", dtype_name(dtype), ms,
+              bytes / ms / 1e6, bytes / copy / 1e6, copy / ms, ok ? "bit-exact" : "MISMATCH");
   CUDA_CHECK(cudaFree(out));
   return ok;
 }
@@ -223,23 +286,13 @@ bool bench_matmul(const Shape& s, int64_t m, Timer& timer, std::mt19937& rng) {
   }
   const double ms = timer.time([&] { CUDA_CHECK(fusedrl::nf4_matmul_cuda(p, 0)); });
   const double bytes = s.n * s.k / 2.0 + (s.n * s.k / 64) + 2.0 * (m * s.k + s.n * kRank + m * s.n + s.n);
-  std::printf("matmul  %-10s %6lld x %-6lld M=%-3lld bf16  %8.4f ms  %7.1f GB/s  %s\n", s.name,
+  const double copy = copy_ms(timer, static_cast<size_t>(bytes / 2));
+  std::printf("matmul  %-10s %6lld x %-6lld M=%-3lld bf16  %8.4f ms  %7.1f GB/s  %5.2f x copy  %s\n", s.name,
               static_cast<long long>(s.n), static_cast<long long>(s.k), static_cast<long long>(m), ms,
-              bytes / ms / 1e6, bad == 0 ? "ok" : "MISMATCH");
+              bytes / ms / 1e6, copy / ms, bad == 0 ? "ok" : "MISMATCH");
   if (bad) std::printf("  %lld of %zu outputs outside the tolerance\n", static_cast<long long>(bad), got.size());
   CUDA_CHECK(cudaFree(y));
   return bad == 0;
-}
-
-double copy_bandwidth(Timer& timer, size_t bytes) {
-  void *a = nullptr, *b = nullptr;
-  CUDA_CHECK(cudaMalloc(&a, bytes));
-  CUDA_CHECK(cudaMalloc(&b, bytes));
-  CUDA_CHECK(cudaMemset(a, 1, bytes));
-  const double ms = timer.time([&] { CUDA_CHECK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, 0)); });
-  CUDA_CHECK(cudaFree(a));
-  CUDA_CHECK(cudaFree(b));
-  return 2.0 * bytes / ms / 1e6;
 }
 
 }  // namespace
@@ -250,21 +303,37 @@ int main(int argc, char** argv) {
     if (std::string(argv[i]) == "--repeats") timer.repeats = std::max(1, std::atoi(argv[i + 1]));
   cudaDeviceProp prop;
   CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
-  const double copy_gbps = copy_bandwidth(timer, size_t(14336) * 4096 * 2);
-  std::printf("bench_nf4 on %s: cudaMemcpy D2D %.1f GB/s (read + write, %zu MiB)\n", prop.name, copy_gbps,
-              size_t(14336) * 4096 * 2 >> 20);
-  const std::vector<Shape> shapes = {{"llama-q", 4096, 4096}, {"llama-up", 14336, 4096}, {"llama-down", 4096, 14336},
-                                     {"qwen3-up", 9728, 2560}, {"odd", 37, 100}};
+  std::printf("bench_nf4 on %s (%d SMs); x copy = D2D copy ms / dequant ms, the copy moving the same bytes\n",
+              prop.name, prop.multiProcessorCount);
+  // Every dtype x statistics on the small and odd shapes; bf16 (plain, nested) and fp32 (nested) on the large ones.
+  const std::vector<Shape> full = {{"llama-q", 4096, 4096}, {"llama-kv", 1024, 4096}, {"odd", 37, 100},
+                                   {"odd-big", 1999, 1001}};
+  const std::vector<Shape> large = {{"llama-up", 14336, 4096}, {"llama-down", 4096, 14336},
+                                    {"llama-gu", 28672, 4096}, {"qwen3-up", 9728, 2560}};
   std::mt19937 rng(1234);
   bool ok = true;
-  for (const Shape& s : shapes)
+  for (const Shape& s : full)
     for (bool nested : {false, true})
       for (Nf4Dtype d : {Nf4Dtype::kBFloat16, Nf4Dtype::kFloat16, Nf4Dtype::kFloat32})
-        ok &= bench_dequant(s, nested, d, timer, copy_gbps, rng);
-  for (const Shape& s : shapes) {
+        ok &= bench_dequant(s, nested, d, timer, rng);
+  for (const Shape& s : large) {
+    for (bool nested : {false, true}) ok &= bench_dequant(s, nested, Nf4Dtype::kBFloat16, timer, rng);
+    ok &= bench_dequant(s, true, Nf4Dtype::kFloat32, timer, rng);
+  }
+  // blocksizes 128 / 256 and the padded (strided) scratch layout, validation first
+  for (int64_t bs : {128, 256})
+    for (bool nested : {false, true}) ok &= bench_dequant({"llama-q", 4096, 4096}, nested, Nf4Dtype::kBFloat16, timer, rng, bs);
+  for (int64_t pad : {16, 8})
+    for (Nf4Dtype d : {Nf4Dtype::kBFloat16, Nf4Dtype::kFloat32})
+      ok &= bench_dequant({"llama-q+r", 4096, 4096}, true, d, timer, rng, 64, pad);
+  ok &= bench_dequant({"odd+r", 37, 96}, true, Nf4Dtype::kBFloat16, timer, rng, 128, 8);
+  for (const Shape& s : {Shape{"llama-q", 4096, 4096}, Shape{"llama-kv", 1024, 4096}, Shape{"llama-up", 14336, 4096},
+                         Shape{"llama-down", 4096, 14336}, Shape{"qwen3-up", 9728, 2560}}) {
     if (s.k % 32 != 0) continue;  // the fused kernel needs K % 32 == 0 (the op falls back otherwise)
     for (int64_t m : {1, 4, 8, 16}) ok &= bench_matmul(s, m, timer, rng);
   }
+  for (int64_t m : {1, 16}) ok &= bench_lora_down(m, 16, 4096, timer, rng);
+  ok &= bench_lora_down(3, 8, 1000, timer, rng);
   std::printf("bench_nf4: %s\n", ok ? "all validations passed" : "VALIDATION FAILED");
   return ok ? 0 : 1;
 }

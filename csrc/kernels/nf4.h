@@ -94,6 +94,17 @@ struct Nf4MatmulParams {
   const void* bias = nullptr;   // (N) or null
 };
 
+// lora (M, r) float32 = scaling * x (M, K) @ A (r, K)^T, float accumulation: the LoRA down-projection of the small-M
+// path, written in the float32 layout Nf4MatmulParams::lora expects (one launch instead of a GEMM, a scale and a cast).
+struct Nf4LoraDownParams {
+  const void* x = nullptr;   // (M, K) contiguous, `dtype`
+  const void* a = nullptr;   // (r, K) contiguous, `dtype`
+  float* lora = nullptr;     // (M, r)
+  int64_t m = 0, rank = 0, k = 0;
+  float scaling = 1.0f;
+  Nf4Dtype dtype = Nf4Dtype::kBFloat16;  // float16 or bfloat16 on CUDA
+};
+
 // Block scale b of a weight: plain, or decoded from the nested statistics (bitsandbytes' order of operations).
 FUSEDRL_NF4_HD float nf4_block_scale(const Nf4Weight& w, int64_t b) {
   if (w.absmax_q == nullptr) return w.absmax[b];
@@ -162,6 +173,8 @@ void blockwise8_quantize_cpu(const float* x, int64_t n, int64_t blocksize, const
                              float* absmax, int64_t block_begin, int64_t block_end);
 // y for rows [row_begin, row_end) of W, float accumulation (the CPU counterpart of nf4_matmul_cuda).
 void nf4_matmul_cpu(const Nf4MatmulParams& p, int64_t row_begin, int64_t row_end);
+// The reference of nf4_lora_down_cuda (same float math, sequential sums).
+void nf4_lora_down_cpu(const Nf4LoraDownParams& p);
 
 #ifdef FUSEDRL_WITH_CUDA
 // ---- CUDA (nf4.cu), on `stream`; each returns the launch error, if any.
@@ -172,6 +185,8 @@ cudaError_t blockwise8_quantize_cuda(const float* x, int64_t n, int64_t blocksiz
                                      float* absmax, cudaStream_t stream);
 // Requires p.m <= 16, cols % 32 == 0, blocksize % 32 == 0 and x 16-byte aligned (nf4_matmul_cuda_supported).
 cudaError_t nf4_matmul_cuda(const Nf4MatmulParams& p, cudaStream_t stream);
+// Requires nf4_lora_down_cuda_supported(p).
+cudaError_t nf4_lora_down_cuda(const Nf4LoraDownParams& p, cudaStream_t stream);
 #endif
 
 constexpr int64_t kNf4MatmulMaxM = 16;
@@ -179,6 +194,11 @@ inline bool nf4_matmul_cuda_supported(const Nf4MatmulParams& p) {
   return p.m >= 1 && p.m <= kNf4MatmulMaxM && p.w.cols % 32 == 0 && p.w.blocksize % 32 == 0 &&
          reinterpret_cast<uintptr_t>(p.x) % 16 == 0 && reinterpret_cast<uintptr_t>(p.w.packed) % 16 == 0 &&
          p.dtype != Nf4Dtype::kFloat32;
+}
+
+inline bool nf4_lora_down_cuda_supported(const Nf4LoraDownParams& p) {
+  return p.dtype != Nf4Dtype::kFloat32 && p.k % 8 == 0 && reinterpret_cast<uintptr_t>(p.x) % 16 == 0 &&
+         reinterpret_cast<uintptr_t>(p.a) % 16 == 0;
 }
 
 }  // namespace fusedrl

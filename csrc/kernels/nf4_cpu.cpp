@@ -164,4 +164,14 @@ void nf4_matmul_cpu(const Nf4MatmulParams& p, int64_t row_begin, int64_t row_end
   }
 }
 
+void nf4_lora_down_cpu(const Nf4LoraDownParams& p) {
+  for (int64_t i = 0; i < p.m; ++i) {
+    for (int64_t j = 0; j < p.rank; ++j) {
+      float s = 0.0f;
+      for (int64_t k = 0; k < p.k; ++k) s += load_value(p.x, p.dtype, i * p.k + k) * load_value(p.a, p.dtype, j * p.k + k);
+      p.lora[i * p.rank + j] = s * p.scaling;
+    }
+  }
+}
+
 }  // namespace fusedrl

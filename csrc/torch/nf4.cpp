@@ -182,6 +182,61 @@ at::Tensor nf4_dequantize_impl(Nf4Backend& backend, const Nf4Shards& w, at::Scal
   return dequantize_scratch(backend, w, dtype, at::TensorOptions().device(w.device), 0, 0);
 }
 
+namespace {
+
+// The fused small-M forward (M <= 16, 16-bit x): the LoRA down-projection and one kernel per shard reading the 4-bit
+// weight once; an undefined tensor when this device has no such kernel for these operands.
+at::Tensor small_m_forward(Nf4Backend& backend, const at::Tensor& x2, const Nf4Shards& w, const at::Tensor& lora_A,
+                           const at::Tensor& lora_B, double scaling, const at::Tensor& bias_c) {
+  const at::ScalarType dtype = x2.scalar_type();
+  const int64_t m = x2.size(0), n = w.rows, k = w.cols, r = lora_A.size(0);
+  if (!backend.fuses_small_m()) return at::Tensor();
+  for (const Nf4Weight& shard : w.weights) {
+    Nf4MatmulParams probe;
+    probe.w = shard;
+    probe.x = x2.data_ptr();
+    probe.m = m;
+    probe.dtype = nf4_dtype("nf4_lora_linear", "x", dtype);
+    if (!nf4_matmul_cuda_supported(probe)) return at::Tensor();
+  }
+  at::Tensor lora = at::empty({m, r}, x2.options().dtype(at::kFloat));
+  const at::Tensor a_c = lora_A.scalar_type() == dtype ? lora_A.contiguous() : at::Tensor();
+  Nf4LoraDownParams down;
+  down.x = x2.data_ptr();
+  down.a = a_c.defined() ? a_c.data_ptr() : nullptr;
+  down.lora = lora.data_ptr<float>();
+  down.m = m;
+  down.rank = r;
+  down.k = k;
+  down.scaling = static_cast<float>(scaling);
+  down.dtype = nf4_dtype("nf4_lora_linear", "x", dtype);
+  if (!a_c.defined() || !backend.lora_down(down)) {
+    // s * x A^T in the adapters' dtype, as the large-M path computes it
+    lora.copy_(at::mm(x2.to(lora_A.scalar_type()), lora_A.t()).mul_(scaling));
+  }
+  const at::Tensor b_c = lora_B.to(dtype).contiguous();
+  at::Tensor y = at::empty({m, n}, x2.options());
+  int64_t row0 = 0;
+  for (const Nf4Weight& shard : w.weights) {
+    Nf4MatmulParams p;
+    p.w = shard;
+    p.x = x2.data_ptr();
+    p.m = m;
+    p.y = static_cast<char*>(y.data_ptr()) + row0 * y.element_size();
+    p.ld_y = n;
+    p.dtype = down.dtype;
+    p.lora = lora.data_ptr<float>();
+    p.lora_B = static_cast<const char*>(b_c.data_ptr()) + row0 * r * b_c.element_size();
+    p.rank = r;
+    p.bias = bias_c.defined() ? static_cast<const char*>(bias_c.data_ptr()) + row0 * bias_c.element_size() : nullptr;
+    if (!backend.matmul(p)) return at::Tensor();
+    row0 += shard.rows;
+  }
+  return y;
+}
+
+}  // namespace
+
 at::Tensor nf4_lora_linear_impl(Nf4Backend& backend, const at::Tensor& x, const Nf4Shards& w, const at::Tensor& lora_A,
                                 const at::Tensor& lora_B, double scaling, const std::optional<at::Tensor>& bias) {
   const char* op = "nf4_lora_linear";
@@ -189,7 +244,8 @@ at::Tensor nf4_lora_linear_impl(Nf4Backend& backend, const at::Tensor& x, const 
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   check_x(op, x);
   check_lora(op, x, w, lora_A, lora_B);
-  if (bias) {
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == w.rows, op, ": bias must have shape (N,) = (", w.rows,
                 ",), got ", bias->sizes());
     check_device(op, "bias", *bias, x.device());
@@ -198,37 +254,15 @@ at::Tensor nf4_lora_linear_impl(Nf4Backend& backend, const at::Tensor& x, const 
   const int64_t k = w.cols, n = w.rows, r = lora_A.size(0);
   const at::Tensor x2 = x.reshape({-1, k}).contiguous();
   const int64_t m = x2.size(0);
-  const at::Tensor bias_c = bias ? bias->to(dtype).contiguous() : at::Tensor();
-  // s * x A^T in the adapters' dtype (M, r)
-  const at::Tensor xa = at::mm(x2.to(adapter), lora_A.t()).mul_(scaling);
+  const at::Tensor bias_c = has_bias ? bias->to(dtype).contiguous() : at::Tensor();
 
   if (m <= kNf4MatmulMaxM && m >= 1 && (dtype == at::kHalf || dtype == at::kBFloat16)) {
-    const at::Tensor lora = xa.to(at::kFloat).contiguous();
-    const at::Tensor b_c = lora_B.to(dtype).contiguous();
-    at::Tensor y = at::empty({m, n}, x2.options());
-    bool fused = true;
-    int64_t row0 = 0;
-    for (const Nf4Weight& shard : w.weights) {
-      Nf4MatmulParams p;
-      p.w = shard;
-      p.x = x2.data_ptr();
-      p.m = m;
-      p.y = static_cast<char*>(y.data_ptr()) + row0 * y.element_size();
-      p.ld_y = n;
-      p.dtype = nf4_dtype(op, "x", dtype);
-      p.lora = lora.data_ptr<float>();
-      p.lora_B = static_cast<const char*>(b_c.data_ptr()) + row0 * r * b_c.element_size();
-      p.rank = r;
-      p.bias = bias ? static_cast<const char*>(bias_c.data_ptr()) + row0 * bias_c.element_size() : nullptr;
-      if (!backend.matmul(p)) {
-        fused = false;
-        break;
-      }
-      row0 += shard.rows;
-    }
-    if (fused) return y.reshape(out_shape(x, n));
+    at::Tensor y = small_m_forward(backend, x2, w, lora_A, lora_B, scaling, bias_c);
+    if (y.defined()) return y.reshape(out_shape(x, n));
   }
 
+  // x A^T in the adapters' dtype (M, r), unscaled: the scale goes into the GEMMs below.
+  const at::Tensor xa = at::mm(x2.to(adapter), lora_A.t());
   at::Tensor y;
   if (k < n) {
     // y = [x | s x A^T] @ [W | B]^T: one GEMM, K + r columns.
@@ -236,14 +270,24 @@ at::Tensor nf4_lora_linear_impl(Nf4Backend& backend, const at::Tensor& x, const 
     w_aug.narrow(1, k, r).copy_(lora_B);
     at::Tensor x_aug = at::empty({m, k + r}, x2.options());
     x_aug.narrow(1, 0, k).copy_(x2);
-    x_aug.narrow(1, k, r).copy_(xa);
-    y = bias ? at::addmm(bias_c, x_aug, w_aug.t()) : at::mm(x_aug, w_aug.t());
+    at::Tensor x_lora = x_aug.narrow(1, k, r);
+    if (xa.scalar_type() == dtype)
+      at::mul_out(x_lora, xa, scaling);
+    else
+      x_lora.copy_(xa.mul(scaling));  // scaled in the adapters' dtype, then cast
+    y = has_bias ? at::addmm(bias_c, x_aug, w_aug.t()) : at::mm(x_aug, w_aug.t());
   } else {
-    // y = s (x A^T) B^T (+ bias), then y += x W^T in the main GEMM's epilogue (beta = 1).
+    // y = s (x A^T) B^T (+ bias), then y += x W^T in the main GEMM's epilogue (beta = 1); the scale s rides on the
+    // small GEMM's alpha (with a bias) or on the main GEMM's beta (without one).
     const at::Tensor w_full = dequantize_scratch(backend, w, dtype, x2.options(), 0, 0);
-    const at::Tensor b_dtype = lora_B.to(dtype);
-    y = bias ? at::addmm(bias_c, xa.to(dtype), b_dtype.t()) : at::mm(xa.to(dtype), b_dtype.t());
-    y.addmm_(x2, w_full.t());
+    const at::Tensor xa_d = xa.to(dtype), b_d = lora_B.to(dtype);
+    if (has_bias) {
+      y = at::addmm(bias_c, xa_d, b_d.t(), 1.0, scaling);
+      y.addmm_(x2, w_full.t());
+    } else {
+      y = at::mm(xa_d, b_d.t());
+      y.addmm_(x2, w_full.t(), scaling, 1.0);
+    }
   }
   return y.reshape(out_shape(x, n));
 }
@@ -266,8 +310,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nf4_lora_linear_backward_impl(
   const at::Tensor g_adapter = g.to(adapter);
   const at::Tensor u = at::mm(g_adapter, lora_B).mul_(scaling);  // s g B (M, r)
   at::Tensor grad_x, grad_a, grad_b;
-  if (output_mask[1]) grad_a = at::mm(u.t(), x2.to(adapter));
-  if (output_mask[2]) grad_b = at::mm(g_adapter.t(), at::mm(x2.to(adapter), lora_A.t())).mul_(scaling);
+  if (output_mask[1] || output_mask[2]) {
+    const at::Tensor x_adapter = x2.to(adapter);
+    if (output_mask[1]) grad_a = at::mm(u.t(), x_adapter);
+    if (output_mask[2]) {
+      // dB = s g^T (x A^T): the scale on the GEMM's alpha
+      const at::Tensor xa = at::mm(x_adapter, lora_A.t());
+      grad_b = at::empty({n, r}, xa.options());
+      at::addmm_out(grad_b, grad_b, g_adapter.t(), xa, 0.0, scaling);
+    }
+  }
   if (output_mask[0]) {
     if (n < k) {
       // dX = [g | u] @ [W ; A]: one GEMM, N + r rows.
@@ -301,6 +353,8 @@ class CpuNf4Backend final : public Nf4Backend {
   }
   // The CPU BLAS on a dequantized weight is faster than a scalar fused loop.
   bool matmul(const Nf4MatmulParams&) override { return false; }
+  bool lora_down(const Nf4LoraDownParams&) override { return false; }
+  bool fuses_small_m() const override { return false; }
   void quantize(const void* x, Nf4Dtype dtype, int64_t n, int64_t blocksize, uint8_t* packed,
                 float* absmax) override {
     at::parallel_for(0, ceil_div(n, blocksize), 64, [&](int64_t b0, int64_t b1) {

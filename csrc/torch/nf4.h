@@ -10,11 +10,13 @@
 //
 // nf4_lora_linear, x (M, K), W (N, K) in NF4, A (r, K), B (N, r):
 //   y = x @ W^T + s * (x @ A^T) @ B^T (+ bias)
-// M <= 16 (CUDA, bf16/fp16): one fused kernel reads the 4-bit W once and adds the LoRA term and bias in its epilogue.
+// M <= 16 (CUDA, bf16/fp16): one small kernel computes s x A^T in float32, then one fused kernel per shard reads the
+// 4-bit W once and adds the LoRA term and bias in its epilogue.
 // Larger M: W is dequantized into a scratch and one GEMM does the rest, with the LoRA term folded in without a
 // second full pass over the M x N output:
 //   K < N:  y = [x | s x A^T] @ [W | B]^T           (the scratch is (N, K + r); copying x costs M x K)
-//   else:   y = s (x A^T) B^T (+ bias), then y += x @ W^T as the GEMM's beta = 1 epilogue (one extra read of y)
+//   else:   y = (x A^T) B^T, then y = s y + x @ W^T as the main GEMM's beta = s epilogue (one extra read of y);
+//           with a bias: y = bias + s (x A^T) B^T (alpha = s), then y += x @ W^T (beta = 1)
 // Backward (no weight gradient): g = grad_y, u = s g B (M, r)
 //   dX = [g | u] @ [W ; A]  when N < K, else dX = u @ A, then dX += g @ W (beta = 1)
 //   dA = u^T @ x,  dB = s g^T @ (x A^T)   (tall-skinny GEMMs in the adapters' dtype)
@@ -35,8 +37,12 @@ class Nf4Backend {
  public:
   virtual ~Nf4Backend() = default;
   virtual void dequantize(const Nf4DequantParams& p) = 0;
+  // Whether this device has the fused small-M kernels at all (then nf4_matmul_cuda_supported says for which operands).
+  virtual bool fuses_small_m() const = 0;
   // The fused small-M matmul; returns false when this device has none for these operands.
   virtual bool matmul(const Nf4MatmulParams& p) = 0;
+  // The small-M LoRA down-projection into float32; returns false when this device has none for these operands.
+  virtual bool lora_down(const Nf4LoraDownParams& p) = 0;
   virtual void quantize(const void* x, Nf4Dtype dtype, int64_t n, int64_t blocksize, uint8_t* packed,
                         float* absmax) = 0;
   virtual void blockwise8(const float* x, int64_t n, int64_t blocksize, const float* code, uint8_t* out,

@@ -24,6 +24,12 @@ class CudaNf4Backend final : public Nf4Backend {
     check_launch("nf4_lora_linear", nf4_matmul_cuda(p, at::cuda::getCurrentCUDAStream()));
     return true;
   }
+  bool fuses_small_m() const override { return true; }
+  bool lora_down(const Nf4LoraDownParams& p) override {
+    if (!nf4_lora_down_cuda_supported(p)) return false;
+    check_launch("nf4_lora_linear", nf4_lora_down_cuda(p, at::cuda::getCurrentCUDAStream()));
+    return true;
+  }
   void quantize(const void* x, Nf4Dtype dtype, int64_t n, int64_t blocksize, uint8_t* packed,
                 float* absmax) override {
     check_launch("nf4_quantize",

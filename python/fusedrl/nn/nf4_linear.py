@@ -202,7 +202,30 @@ class NF4Linear(torch.nn.Module):
 
     @property
     def quant_state(self) -> NF4QuantState:
-        """The NF4QuantState viewing this layer's buffers (no copy)."""
+        """The NF4QuantState viewing this layer's buffers (no copy). Built once and reused while the buffers are
+        the same tensors (a device move or a load that replaces them builds a new one): the fused op caches its
+        argument lists on it."""
+        buffers = self._buffers
+        key = (
+            buffers["weight"],
+            buffers["code_bits"],
+            buffers.get("absmax_q"),
+            buffers.get("nested_absmax_bits"),
+            buffers.get("nested_code_bits"),
+            buffers.get("absmax_bits"),
+        )
+        cached = self.__dict__.get("_quant_state_cache")
+        if (
+            cached is not None
+            and all(a is b for a, b in zip(cached[0], key))
+            and cached[1] == (self.quant_offset, self.quant_dtype)
+        ):
+            return cached[2]
+        state = self._build_quant_state()
+        self.__dict__["_quant_state_cache"] = (key, (self.quant_offset, self.quant_dtype), state)
+        return state
+
+    def _build_quant_state(self) -> NF4QuantState:
         common = dict(
             shape=(self.out_features, self.in_features),
             dtype=self.quant_dtype,

@@ -13,7 +13,7 @@ The arithmetic, the LoRA folding into one GEMM and the small-M fused kernel are 
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import NamedTuple, Sequence, Union
 
 import torch
 
@@ -27,6 +27,8 @@ __all__ = ["NF4QuantState", "NF4Shards", "nf4_quantize", "nf4_dequantize", "nf4_
 
 PackedWeight = Union[torch.Tensor, NF4Shards, Sequence[tuple]]
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+_LORA_LINEAR = torch.ops.fusedrl.nf4_lora_linear.default
 
 
 # ---- fakes (meta implementations) ---------------------------------------------------------------------------
@@ -61,33 +63,7 @@ def _nf4_lora_linear_backward_fake(grad_y, x, packed, absmax, nested_absmax, nes
             lora_B.new_empty(lora_B.shape if output_mask[2] else (0,)))
 
 
-# ---- autograd of nf4_lora_linear ----------------------------------------------------------------------------
-def _setup_context(ctx, inputs, output):
-    x, packed, absmax, nested_absmax, nested_code, offset, rows, blocksize, lora_A, lora_B, scaling, bias = inputs
-    ctx.weight_args = (list(offset), list(rows), blocksize, scaling)
-    ctx.counts = (len(packed), len(nested_absmax))
-    ctx.has_bias = bias is not None
-    ctx.save_for_backward(x, lora_A, lora_B, *packed, *absmax, *nested_absmax, *nested_code)
-
-
-def _backward(ctx, grad_y):
-    x, lora_A, lora_B, *weight = ctx.saved_tensors
-    shards, nested = ctx.counts
-    packed, absmax = weight[:shards], weight[shards:2 * shards]
-    nested_absmax, nested_code = weight[2 * shards:2 * shards + nested], weight[2 * shards + nested:]
-    offset, rows, blocksize, scaling = ctx.weight_args
-    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[8], ctx.needs_input_grad[9]]
-    grad_x, grad_a, grad_b = torch.ops.fusedrl.nf4_lora_linear_backward(
-        grad_y, x, packed, absmax, nested_absmax, nested_code, offset, rows, blocksize, lora_A, lora_B, scaling, mask)
-    grad_bias = None
-    if ctx.has_bias and ctx.needs_input_grad[11]:
-        grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
-    no_grads = lambda count: [None] * count  # noqa: E731  the frozen weight's lists
-    return (grad_x if mask[0] else None, no_grads(shards), no_grads(shards), no_grads(nested), no_grads(nested),
-            None, None, None, grad_a if mask[1] else None, grad_b if mask[2] else None, None, grad_bias)
-
-
-torch.library.register_autograd("fusedrl::nf4_lora_linear", _backward, setup_context=_setup_context)
+# The autograd of nf4_lora_linear is registered in C++ (csrc/torch/nf4_autograd.cpp): no Python runs per call.
 
 
 # ---- public functions -------------------------------------------------------------------------------------------
@@ -105,8 +81,20 @@ def _shard_list(packed: PackedWeight, state: NF4QuantState | None) -> list[tuple
     return shards
 
 
-def _op_args(shards: list[tuple[torch.Tensor, NF4QuantState]]):
-    """(packed, absmax, nested_absmax, nested_code, offset, rows, cols, blocksize) lists for the ops."""
+class _OpArgs(NamedTuple):
+    """The ops' weight arguments of one (packed, state) or NF4Shards, built once and cached on the state."""
+
+    packed: list
+    absmax: list
+    nested_absmax: list
+    nested_code: list
+    offset: list
+    rows: list
+    cols: int
+    blocksize: int
+
+
+def _op_args(shards: list[tuple[torch.Tensor, NF4QuantState]]) -> _OpArgs:
     states = [s for _, s in shards]
     nested = states[0].nested
     if any(s.nested != nested or s.blocksize != states[0].blocksize or s.shape[1] != states[0].shape[1]
@@ -119,7 +107,25 @@ def _op_args(shards: list[tuple[torch.Tensor, NF4QuantState]]):
     # one entry per shard even when unused (plain): an empty float list would change the op's input structure
     offset = [float(s.offset) if nested else 0.0 for s in states]
     rows = [s.shape[0] for s in states]
-    return packed, absmax, nested_absmax, nested_code, offset, rows, states[0].shape[1], states[0].blocksize
+    return _OpArgs(packed, absmax, nested_absmax, nested_code, offset, rows, states[0].shape[1], states[0].blocksize)
+
+
+_CACHE_ATTR = "_fusedrl_op_args"
+
+
+def _cached_op_args(packed: PackedWeight, state: NF4QuantState | None) -> _OpArgs:
+    """_op_args of (packed, state), cached on the state (or the NF4Shards) next to the packed tensor it was built
+    for: a layer calling the op every step pays for the list building once. The cache is valid while the state's
+    tensors are not reassigned (states are replaced, not mutated: `.to()` returns a new state)."""
+    holder = packed if isinstance(packed, NF4Shards) else state
+    if holder is not None:
+        cached = holder.__dict__.get(_CACHE_ATTR)
+        if cached is not None and cached[0] is packed:
+            return cached[1]
+    args = _op_args(_shard_list(packed, state))
+    if holder is not None and (isinstance(packed, NF4Shards) or isinstance(packed, torch.Tensor)):
+        holder.__dict__[_CACHE_ATTR] = (packed, args)
+    return args
 
 
 def nf4_quantize(weight: torch.Tensor, blocksize: int = 64,
@@ -149,9 +155,9 @@ def nf4_dequantize(packed: PackedWeight, state: NF4QuantState | None = None,
     dequantize_4bit; shards are stacked along N."""
     shards = _shard_list(packed, state)
     dtype = out_dtype or shards[0][1].dtype
-    packed_l, absmax, nested_absmax, nested_code, offset, rows, cols, blocksize = _op_args(shards)
-    return torch.ops.fusedrl.nf4_dequantize(packed_l, absmax, nested_absmax, nested_code, offset, rows, cols,
-                                            blocksize, dtype)
+    a = _cached_op_args(packed, state)
+    return torch.ops.fusedrl.nf4_dequantize(a.packed, a.absmax, a.nested_absmax, a.nested_code, a.offset, a.rows,
+                                            a.cols, a.blocksize, dtype)
 
 
 def nf4_lora_linear(x: torch.Tensor, packed: PackedWeight, state: NF4QuantState | None, lora_A: torch.Tensor,
@@ -163,15 +169,14 @@ def nf4_lora_linear(x: torch.Tensor, packed: PackedWeight, state: NF4QuantState 
     LoRA dropout is not applied here: with dropout > 0 call it with the undropped x and scaling 0 for the frozen
     path, and add scaling * (dropout(x) @ A^T) @ B^T yourself (or accept the same x for both terms).
     """
-    shards = _shard_list(packed, state)
-    packed_l, absmax, nested_absmax, nested_code, offset, rows, cols, blocksize = _op_args(shards)
-    if x.shape[-1] != cols:
-        raise ValueError(f"nf4_lora_linear: x must have K = {cols} features (..., {cols}), got {tuple(x.shape)}")
+    a = _cached_op_args(packed, state)
+    if x.shape[-1] != a.cols:
+        raise ValueError(f"nf4_lora_linear: x must have K = {a.cols} features (..., {a.cols}), got {tuple(x.shape)}")
     device_type = x.device.type
-    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+    if device_type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type):
         # As nn.Linear under autocast: the main GEMM runs in the autocast dtype (the adapters keep theirs).
         dtype = torch.get_autocast_dtype(device_type)
         x = x.to(dtype)
         bias = None if bias is None else bias.to(dtype)
-    return torch.ops.fusedrl.nf4_lora_linear(x, packed_l, absmax, nested_absmax, nested_code, offset, rows,
-                                             blocksize, lora_A, lora_B, float(scaling), bias)
+    return _LORA_LINEAR(x, a.packed, a.absmax, a.nested_absmax, a.nested_code, a.offset, a.rows, a.blocksize,
+                        lora_A, lora_B, float(scaling), bias)
