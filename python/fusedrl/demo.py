@@ -47,7 +47,7 @@ _SMOLLM2 = {"name_or_path": "smollm2-offline", "dtype": "float32", "max_seq_leng
 
 SUMS = Demo(
     name="sums",
-    description="SmolLM2-135M-Instruct learns to answer one-digit sums with just the number",
+    description="SmolLM2-135M-Instruct learns to answer one-digit sums",
     config={
         "train": {
             "output_dir": "runs/fusedrl-demo",
