@@ -211,6 +211,31 @@ def test_qlora_forward_and_gradients_match_dense_lora(generator):
         torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-4, atol=1e-5, msg=f"{name}, {message}")
 
 
+def test_fused_fast_path_follows_adapter_switches_scaling_and_disabling(generator):
+    qlora, _ = _lora_pair(generator)
+    layer = next(m for m in qlora.modules() if isinstance(m, NF4LoraLinear))
+    layer.update_layer("second", 4, lora_alpha=4, config=peft.LoraConfig(r=4, lora_alpha=4))
+    torch.nn.init.normal_(layer.lora_B["second"].weight, generator=generator)
+    x = torch.randn(3, layer.in_features, generator=generator)
+    base = layer.get_base_layer()
+
+    def expected(name):
+        w = base.dequantize(torch.float32)
+        a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+        return x @ w.t() + layer.scaling[name] * (x @ a.t()) @ b.t()
+
+    with torch.no_grad():
+        for name in ("default", "second", "default"):  # set_adapter between calls: no stale adapter
+            layer.set_adapter(name)
+            assert layer._fused_call(x) is not None
+            torch.testing.assert_close(layer(x), expected(name), rtol=1e-5, atol=1e-5)
+        layer.scale_layer(0.5)  # scaling changes in place
+        torch.testing.assert_close(layer(x), expected("default"), rtol=1e-5, atol=1e-5)
+        layer.enable_adapters(False)
+        assert layer._fused_call(x) is None
+        torch.testing.assert_close(layer(x), x @ base.dequantize(torch.float32).t(), rtol=1e-5, atol=1e-5)
+
+
 def test_dropout_takes_the_composed_path_with_peft_semantics(generator):
     qlora, reference = _lora_pair(generator, dropout=0.3)
     x = torch.randn(4, 40, generator=generator)

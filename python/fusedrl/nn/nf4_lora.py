@@ -83,7 +83,42 @@ class NF4LoraLinear(torch.nn.Module, LoraLayer):
         base_bias = self.get_base_layer().bias
         return no_dropout and (base_bias is None or not base_bias.requires_grad)
 
+    def _fused_call(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The fused op's result when the plain case holds (one active adapter, no dropout in effect, no adapter or
+        trainable base bias, not merged, not disabled), else None. Reads the module dictionaries directly: this runs
+        once per projection per step, and peft's generic helpers cost more host time than a decode step's kernel."""
+        if self._disable_adapters or self.merged_adapters:
+            return None
+        active = self._active_adapter
+        name = active if isinstance(active, str) else (active[0] if len(active) == 1 else None)
+        modules = self._modules
+        lora_A = modules["lora_A"]._modules.get(name) if name is not None else None
+        if lora_A is None or self.lora_bias.get(name, False):
+            return None
+        dropout = modules["lora_dropout"]._modules[name]
+        if self.training and not isinstance(dropout, torch.nn.Identity) and dropout.p != 0.0:
+            return None
+        base = modules["base_layer"]
+        if type(base) is not NF4Linear:
+            return None
+        bias = base._parameters.get("bias")
+        if bias is not None and bias.requires_grad:
+            return None
+        return nf4_lora_linear(
+            x,
+            base._buffers["weight"],
+            base.quant_state,
+            lora_A._parameters["weight"],
+            modules["lora_B"]._modules[name]._parameters["weight"],
+            self.scaling[name],
+            None if bias is None else bias.to(x.dtype),
+        )
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not args and not kwargs:
+            fused = self._fused_call(x)
+            if fused is not None:
+                return fused
         self._check_forward_args(x, *args, **kwargs)
         if kwargs.pop("adapter_names", None) is not None:
             raise NotImplementedError("NF4LoraLinear does not support mixed-adapter batches (adapter_names=...)")
