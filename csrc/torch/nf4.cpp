@@ -73,6 +73,16 @@ void check_x(const char* op, const at::Tensor& x) {
               ": x must be float32, float16, bfloat16 or float64, got ", t);
 }
 
+// Host-side economy: every dispatched op costs microseconds of CPU, which at projection sizes is the step's time.
+// t in `dtype`, without a dispatch when it already is.
+at::Tensor as_dtype(const at::Tensor& t, at::ScalarType dtype) { return t.scalar_type() == dtype ? t : t.to(dtype); }
+
+// t (..., cols) as a contiguous (rows, cols) matrix, without a dispatch when it already is one.
+at::Tensor as_matrix(const at::Tensor& t, int64_t cols) {
+  if (t.dim() == 2 && t.is_contiguous()) return t;
+  return t.reshape({-1, cols}).contiguous();
+}
+
 // (M, N) output shape of a (..., K) input
 std::vector<int64_t> out_shape(const at::Tensor& x, int64_t n) {
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
@@ -212,9 +222,9 @@ at::Tensor small_m_forward(Nf4Backend& backend, const at::Tensor& x2, const Nf4S
   down.dtype = nf4_dtype("nf4_lora_linear", "x", dtype);
   if (!a_c.defined() || !backend.lora_down(down)) {
     // s * x A^T in the adapters' dtype, as the large-M path computes it
-    lora.copy_(at::mm(x2.to(lora_A.scalar_type()), lora_A.t()).mul_(scaling));
+    lora.copy_(at::mm(as_dtype(x2, lora_A.scalar_type()), lora_A.t()).mul_(scaling));
   }
-  const at::Tensor b_c = lora_B.to(dtype).contiguous();
+  const at::Tensor b_c = as_dtype(lora_B, dtype).contiguous();
   at::Tensor y = at::empty({m, n}, x2.options());
   int64_t row0 = 0;
   for (const Nf4Weight& shard : w.weights) {
@@ -252,17 +262,17 @@ at::Tensor nf4_lora_linear_impl(Nf4Backend& backend, const at::Tensor& x, const 
   }
   const at::ScalarType dtype = x.scalar_type(), adapter = lora_A.scalar_type();
   const int64_t k = w.cols, n = w.rows, r = lora_A.size(0);
-  const at::Tensor x2 = x.reshape({-1, k}).contiguous();
+  const at::Tensor x2 = as_matrix(x, k);
   const int64_t m = x2.size(0);
-  const at::Tensor bias_c = has_bias ? bias->to(dtype).contiguous() : at::Tensor();
+  const at::Tensor bias_c = has_bias ? as_dtype(*bias, dtype).contiguous() : at::Tensor();
 
   if (m <= kNf4MatmulMaxM && m >= 1 && (dtype == at::kHalf || dtype == at::kBFloat16)) {
     at::Tensor y = small_m_forward(backend, x2, w, lora_A, lora_B, scaling, bias_c);
-    if (y.defined()) return y.reshape(out_shape(x, n));
+    if (y.defined()) return x.dim() == 2 ? y : y.reshape(out_shape(x, n));
   }
 
   // x A^T in the adapters' dtype (M, r), unscaled: the scale goes into the GEMMs below.
-  const at::Tensor xa = at::mm(x2.to(adapter), lora_A.t());
+  const at::Tensor xa = at::mm(as_dtype(x2, adapter), lora_A.t());
   at::Tensor y;
   if (k < n) {
     // y = [x | s x A^T] @ [W | B]^T: one GEMM, K + r columns.
@@ -280,7 +290,7 @@ at::Tensor nf4_lora_linear_impl(Nf4Backend& backend, const at::Tensor& x, const 
     // y = s (x A^T) B^T (+ bias), then y += x W^T in the main GEMM's epilogue (beta = 1); the scale s rides on the
     // small GEMM's alpha (with a bias) or on the main GEMM's beta (without one).
     const at::Tensor w_full = dequantize_scratch(backend, w, dtype, x2.options(), 0, 0);
-    const at::Tensor xa_d = xa.to(dtype), b_d = lora_B.to(dtype);
+    const at::Tensor xa_d = as_dtype(xa, dtype), b_d = as_dtype(lora_B, dtype);
     if (has_bias) {
       y = at::addmm(bias_c, xa_d, b_d.t(), 1.0, scaling);
       y.addmm_(x2, w_full.t());
@@ -289,7 +299,7 @@ at::Tensor nf4_lora_linear_impl(Nf4Backend& backend, const at::Tensor& x, const 
       y.addmm_(x2, w_full.t(), scaling, 1.0);
     }
   }
-  return y.reshape(out_shape(x, n));
+  return x.dim() == 2 ? y : y.reshape(out_shape(x, n));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> nf4_lora_linear_backward_impl(
@@ -304,14 +314,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nf4_lora_linear_backward_impl(
               at::IntArrayRef(out_shape(x, n)), ", got ", grad_y.sizes());
   check_device(op, "grad_y", grad_y, x.device());
   const at::ScalarType dtype = x.scalar_type(), adapter = lora_A.scalar_type();
-  const at::Tensor x2 = x.reshape({-1, k}).contiguous();
-  const at::Tensor g = grad_y.reshape({-1, n}).to(dtype).contiguous();
+  const at::Tensor x2 = as_matrix(x, k);
+  const at::Tensor g = as_matrix(as_dtype(grad_y, dtype), n);
   const int64_t m = x2.size(0);
-  const at::Tensor g_adapter = g.to(adapter);
+  const at::Tensor g_adapter = as_dtype(g, adapter);
   const at::Tensor u = at::mm(g_adapter, lora_B).mul_(scaling);  // s g B (M, r)
   at::Tensor grad_x, grad_a, grad_b;
   if (output_mask[1] || output_mask[2]) {
-    const at::Tensor x_adapter = x2.to(adapter);
+    const at::Tensor x_adapter = as_dtype(x2, adapter);
     if (output_mask[1]) grad_a = at::mm(u.t(), x_adapter);
     if (output_mask[2]) {
       // dB = s g^T (x A^T): the scale on the GEMM's alpha
@@ -331,13 +341,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nf4_lora_linear_backward_impl(
       grad_x = at::mm(g_aug, w_aug);
     } else {
       const at::Tensor w_full = dequantize_scratch(backend, w, dtype, x2.options(), 0, 0);
-      grad_x = at::mm(u.to(dtype), lora_A.to(dtype));
+      grad_x = at::mm(as_dtype(u, dtype), as_dtype(lora_A, dtype));
       grad_x.addmm_(g, w_full);
     }
-    grad_x = grad_x.reshape(x.sizes());
+    if (x.dim() != 2) grad_x = grad_x.reshape(x.sizes());
   }
-  const auto empty = x.new_empty({0});
-  return {output_mask[0] ? grad_x : empty, output_mask[1] ? grad_a : lora_A.new_empty({0}),
+  return {output_mask[0] ? grad_x : x.new_empty({0}), output_mask[1] ? grad_a : lora_A.new_empty({0}),
           output_mask[2] ? grad_b : lora_B.new_empty({0})};
 }
 
