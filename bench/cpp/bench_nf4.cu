@@ -6,7 +6,9 @@
 //             absmax, blocksize 64 (128 and 256 on one shape), contiguous and padded (ld > K) outputs. GB/s counts
 //             bytes read + written; "x copy" = (ms of a cudaMemcpy D2D moving the same bytes: it reads and writes
 //             half of them each) / (dequant ms), measured in the same run next to it: the target is >= 0.85.
-//   matmul    nf4_matmul_cuda, y (M, N) = x (M, K) @ W^T + lora (M, 16) @ B^T + bias, bf16, M = 1, 4, 8, 16.
+//   matmul    nf4_matmul_cuda, y (M, N) = x (M, K) @ W^T + lora (M, 16) @ B^T + bias, bf16, M = 1, 8, 16; "x copy"
+//             against a D2D copy of the same bytes (the bandwidth of reading the 4-bit weight once).
+//   lora_down nf4_lora_down_cuda (the small-M LoRA down-projection), against its CPU reference.
 //             GB/s counts the 4-bit weight, x, B and y.
 // Validation before timing: outputs are poisoned (0xff bytes = NaN) before the launch; dequant is compared
 // bit-for-bit with nf4_dequantize_cpu on every element; matmul with a double-precision product over the weight
