@@ -7,13 +7,14 @@
 //             bytes read + written; "x copy" = (ms of a cudaMemcpy D2D moving the same bytes: it reads and writes
 //             half of them each) / (dequant ms), measured in the same run next to it: the target is >= 0.85.
 //   matmul    nf4_matmul_cuda, y (M, N) = x (M, K) @ W^T + lora (M, 16) @ B^T + bias, bf16, M = 1, 8, 16; "x copy"
-//             against a D2D copy of the same bytes (the bandwidth of reading the 4-bit weight once).
+//             against a D2D copy of the same bytes (the bandwidth of reading the 4-bit weight once). GB/s counts
+//             the 4-bit weight and its statistics, x, B and y.
 //   lora_down nf4_lora_down_cuda (the small-M LoRA down-projection), against its CPU reference.
-//             GB/s counts the 4-bit weight, x, B and y.
 // Validation before timing: outputs are poisoned (0xff bytes = NaN) before the launch; dequant is compared
 // bit-for-bit with nf4_dequantize_cpu on every element; matmul with a double-precision product over the weight
 // rounded to bf16 as the kernels multiply it (the bit-exact CPU dequantization), under
-// |gpu - ref| <= 2^-8 |ref| + 2^-18 sum|x w| (bf16 output rounding plus float accumulation in any order). Timing: CUDA events around the launch, a buffer larger than L2 written before each
+// |gpu - ref| <= 2^-8 |ref| + 2^-18 sum|x w| (bf16 output rounding plus float accumulation in any order).
+// Timing: CUDA events around the launch, a buffer larger than L2 written before each
 // repeat (cold L2), median of the repeats.
 //
 // Build: with the package (-C cmake.define.FUSEDRL_BUILD_BENCH=ON, see bench/cpp/CMakeLists.txt) or
