@@ -60,6 +60,7 @@ def write_checkpoint(folder: Path, shape: dict, device: str) -> None:
                 parameter.fill_(1.0)
             else:
                 parameter.normal_(0.0, 0.02, generator=generator)
+    print(f"initialised the random model on {device} in {time.perf_counter() - started:.0f} s; saving", flush=True)
     model.save_pretrained(folder)  # rotary buffers are not saved: every loader recomputes them
     del model
     if device.startswith("cuda"):
@@ -129,6 +130,7 @@ def expected_fusedrl_gib(shape: dict) -> float:
 
 
 def run_child(variant: str, folder: Path, device: str) -> dict | None:
+    print(f"loading as {variant} (own process)", flush=True)
     command = [sys.executable, __file__, "--child", variant, "--workdir", str(folder), "--device", device]
     done = subprocess.run(command, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
