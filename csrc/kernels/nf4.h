@@ -30,7 +30,9 @@
 // bitsandbytes does, so it too is the same number.
 //
 // Small-M matmul (M <= 16, decode and small batches): y (M, N) = x (M, K) @ W^T (+ lora (M, r) @ B (N, r)^T
-// + bias), float accumulation, reading each 4-bit weight once and never writing the 16-bit W.
+// + bias), float accumulation, reading each 4-bit weight once and never writing the 16-bit W. With K % 128 == 0 it
+// runs on tensor cores and multiplies W rounded to x's dtype (the values nf4_dequantize writes); otherwise on CUDA
+// cores with W in float32.
 // Torch-free: raw pointers, sizes and (for CUDA) a stream.
 #pragma once
 
