@@ -176,12 +176,14 @@ def available_host_bytes() -> int | None:
 
 
 def longest_sequence(shape: ModelShape, batch: int, budget_bytes: int, *, offload: bool,
-                     mlp_chunk_tokens: int | None, engine_bytes: int = 0) -> int:
-    """The longest sequence (tokens) whose estimated peak fits the budget; 0 when none does (bisection)."""
+                     mlp_chunk_tokens: int | None, engine_bytes: int = 0, host_budget_bytes: int | None = None) -> int:
+    """The longest sequence (tokens) whose estimated peak fits the budget (and whose pinned arena fits
+    `host_budget_bytes`, when given); 0 when none does (bisection)."""
     def fits(sequence: int) -> bool:
         plan = estimate(shape, batch, sequence, offload=offload, mlp_chunk_tokens=mlp_chunk_tokens,
                         engine_bytes=engine_bytes)
-        return plan.peak_bytes <= budget_bytes
+        host_ok = host_budget_bytes is None or plan.pinned_host_bytes <= host_budget_bytes
+        return plan.peak_bytes <= budget_bytes and host_ok
 
     if not fits(1):
         return 0
