@@ -108,6 +108,11 @@ class OffloadedCheckpointing:
         runner = cls(layers, offload=offload, mlp_chunk_tokens=mlp_chunk_tokens, min_offload_bytes=min_offload_bytes,
                      defer_mlp=defer_mlp)
         runner._casting = [input_casting_modules(layer) for layer in layers]
+        previous = model.__dict__.get("fusedrl_checkpointing")
+        if offload and isinstance(previous, OffloadedCheckpointing) and previous._arena is not None:
+            previous.reset()  # the pinned arena goes to the new runner: pinning tens of GiB again takes seconds
+            runner._arena, runner._arena_device = previous._arena, previous._arena_device
+            previous._arena = None
         for index, layer in enumerate(layers):
             layer._gradient_checkpointing_func = functools.partial(runner._checkpoint, index)
             if mlp_chunk_tokens is not None:
