@@ -238,7 +238,10 @@ def main() -> int:
     parser.add_argument("--diagnose-dir", type=Path, default=None)
     parser.add_argument("--profile-context", type=int, default=4096)
     parser.add_argument("--profile-modes", default="plain,offload,offload-eager,offload-nochunk,chunk")
+    parser.add_argument("--profile-ops", default="offload", help="profiled modes that also get the aten-op table")
     parser.add_argument("--snapshot-context", type=int, default=20480)
+    parser.add_argument("--pin-first", action="store_true",
+                        help="pin the arena of the longest offload run of each model once, before its first run")
     parser.add_argument("--time-budget", type=float, default=240.0, help="seconds; configurations past it are skipped")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--cpu-smoke", action="store_true")
@@ -265,6 +268,8 @@ def main() -> int:
     model, label = None, None
     if args.diagnose_dir is not None and device.type == "cuda":
         model, label = build_model("llama3.1-8b", device), "llama3.1-8b:bf16"
+        if args.pin_first:
+            pin_longest(model, label, runs, args.snapshot_context, device)
         rows += diagnose(model, tokenizer, device, args, started)
     for shape, quant, context, modes in runs:
         if label != f"{shape}:{quant}":
@@ -275,6 +280,8 @@ def main() -> int:
                 continue
             try:
                 model, label = build_model(shape, device, quant), f"{shape}:{quant}"
+                if args.pin_first and device.type == "cuda":
+                    pin_longest(model, label, runs, 0, device)
             except Exception as err:  # noqa: BLE001 - e.g. bitsandbytes without CUDA support
                 traceback.print_exc()
                 rows += [{"model": f"{shape}:{quant}", "context": context, "mode": mode,
@@ -297,6 +304,23 @@ def main() -> int:
                                                   "torch": torch.__version__}, "rows": rows, "targets": summary},
                                         indent=1))
     return 0
+
+
+def pin_longest(model, label: str, runs, extra_context: int, device) -> None:
+    """Pin once the arena the longest offload run of this model needs; later trainers take it over (no repinning
+    per run). Prints how long pinning took: it is part of the first step's cost in a real run."""
+    from fusedrl.nn.offload import OffloadedCheckpointing
+
+    contexts = [c for shape, quant, c, modes in runs if f"{shape}:{quant}" == label
+                and any(m.startswith("offload") for m in modes)] + ([extra_context] if extra_context else [])
+    if not contexts:
+        return
+    plan = estimate(ModelShape.of(model, torch.bfloat16), 8, 16 + max(contexts), offload=True, mlp_chunk_tokens=8192)
+    runner = OffloadedCheckpointing.install(model, offload=True, mlp_chunk_tokens=8192)
+    started = time.perf_counter()
+    pinned = runner.reserve(device, plan.pinned_host_bytes)
+    print(f"pinned {plan.pinned_host_bytes / GIB:.1f} GiB of host memory for {label} at {max(contexts)} tokens per "
+          f"completion in {time.perf_counter() - started:.1f} s ({'ok' if pinned else 'FAILED'})", flush=True)
 
 
 def skipped(label: str, context: int, mode: str) -> dict:
@@ -328,7 +352,10 @@ def diagnose(model, tokenizer, device, args, started) -> list[dict]:
         if profiler.prof is not None:
             label = (f"{mode} at {args.profile_context} tokens per completion, unprofiled warm step "
                      f"{row.get('s_per_step') or 0:.2f} s, profiled {row.get('s_profiled_step') or 0:.2f} s")
-            text = profile_summary(profiler.prof, label, with_ops=mode in ("plain", "offload"))
+            try:
+                text = profile_summary(profiler.prof, label, with_ops=mode in args.profile_ops.split(","))
+            except Exception:  # noqa: BLE001 - a summary that fails must not cost the measurements after it
+                text = f"== profile: {label} ==\nsummary failed:\n{traceback.format_exc()}"
             (out / f"profile_{mode}.txt").write_text(text + "\n")
             print(text.split("top ")[0], flush=True)
         profiler.prof = None
@@ -343,8 +370,12 @@ def diagnose(model, tokenizer, device, args, started) -> list[dict]:
             torch.cuda.memory._record_memory_history(enabled=None)
         row["diagnosis"] = "memory snapshot"
         rows.append(row)
-        text = snapshot_summary(snapshot, baseline, f"offload step at {args.snapshot_context} tokens per completion, "
-                                f"measured peak {row.get('peak_gib', 0):.2f} GiB, plan {row.get('plan_peak_gib')}")
+        label = (f"offload step at {args.snapshot_context} tokens per completion, measured peak "
+                 f"{row.get('peak_gib', 0):.2f} GiB, plan {row.get('plan_peak_gib')}")
+        try:
+            text = snapshot_summary(snapshot, baseline, label)
+        except Exception:  # noqa: BLE001
+            text = f"== memory snapshot: {label} ==\nsummary failed:\n{traceback.format_exc()}"
         (out / f"memory_{args.snapshot_context}.txt").write_text(text + "\n")
         print("\n".join(text.splitlines()[:40]), flush=True)
         del snapshot
@@ -374,8 +405,8 @@ def search_longest(model, label, total) -> list[dict]:
 def targets(rows: list[dict]) -> list[str]:
     ok = {(r["model"], r["context"], r["mode"]): r for r in rows
           if r.get("status") == "ok" and "search" not in r and "diagnosis" not in r}
-    for r in rows:  # the diagnosis' warm steps count where the table has no row of its own
-        if r.get("status") == "ok" and r.get("diagnosis") == "profile":
+    for r in rows:  # the diagnosis' steps count where the table has no row of its own
+        if r.get("status") == "ok" and "diagnosis" in r:
             ok.setdefault((r["model"], r["context"], r["mode"]), r)
     lines = []
     for (label, context, mode), r in sorted(ok.items()):

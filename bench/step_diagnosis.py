@@ -39,32 +39,59 @@ def _union_ns(intervals: list[tuple[int, int]]) -> int:
 
 
 def _activity(event: Any) -> str:
-    kind = str(event.activity_type()).lower()
-    return kind.rsplit(".", 1)[-1]
+    """kernel / gpu_memcpy / gpu_memset / cuda_runtime / cpu_op, from the event's device and name (torch 2.11's
+    kineto events have no activity_type())."""
+    if hasattr(event, "activity_type"):
+        return str(event.activity_type()).lower().rsplit(".", 1)[-1]
+    name = event.name()
+    if "cuda" in str(event.device_type()).lower():
+        if name.startswith("Memcpy") or name.startswith("memcpy"):
+            return "gpu_memcpy"
+        if name.startswith("Memset") or name.startswith("memset"):
+            return "gpu_memset"
+        return "kernel"
+    if name.startswith(("cuda", "cu")) and not name.startswith("cutlass"):
+        return "cuda_runtime"
+    return "cpu_op"
+
+
+class _Event:
+    """The few fields used here, read once (kineto event accessors differ between torch versions)."""
+
+    __slots__ = ("name", "kind", "start", "end", "stream")
+
+    def __init__(self, event: Any) -> None:
+        self.name = event.name()
+        self.kind = _activity(event)
+        self.start = event.start_ns()
+        end = getattr(event, "end_ns", None)
+        self.end = end() if callable(end) else self.start + event.duration_ns()
+        stream = getattr(event, "device_resource_id", None)
+        self.stream = stream() if callable(stream) else 0
+
+    def duration(self) -> int:
+        return self.end - self.start
 
 
 def profile_summary(prof: Any, label: str, top: int = 20, with_ops: bool = True) -> str:
-    events = list(prof.profiler.kineto_results.events())
-    gpu = [e for e in events if _activity(e) in GPU_ACTIVITIES]
-    if not gpu:  # another kineto's names: every device-side event but annotations
-        gpu = [e for e in events if "cuda" in str(e.device_type()).lower() and "annotation" not in _activity(e)
-               and not _activity(e).startswith(("cuda_", "cpu"))]
-    runtime = [e for e in events if _activity(e) in ("cuda_runtime", "cuda_driver")]
+    events = [_Event(e) for e in prof.profiler.kineto_results.events()]
+    gpu = [e for e in events if e.kind in GPU_ACTIVITIES]
+    runtime = [e for e in events if e.kind in ("cuda_runtime", "cuda_driver")]
     lines = [f"== profile: {label} =="]
     if not gpu:
         return "\n".join(lines + ["no GPU events recorded"])
-    window_start = min(e.start_ns() for e in gpu)
-    window_end = max(e.end_ns() for e in gpu)
+    window_start = min(e.start for e in gpu)
+    window_end = max(e.end for e in gpu)
     lines.append(f"GPU window {(window_end - window_start) / 1e6:.1f} ms, {len(gpu)} GPU events, "
                  f"{len(runtime)} runtime calls")
     per_stream: dict[int, dict[str, list[tuple[int, int]]]] = collections.defaultdict(
         lambda: collections.defaultdict(list))
     for e in gpu:
-        name = e.name()
-        kind = _activity(e)
+        name = e.name
+        kind = e.kind
         if kind == "gpu_memcpy":
             kind = "memcpy " + ("DtoH" if "DtoH" in name else "HtoD" if "HtoD" in name else "DtoD/other")
-        per_stream[e.device_resource_id()][kind].append((e.start_ns(), e.end_ns()))
+        per_stream[e.stream][kind].append((e.start, e.end))
     compute = max(per_stream, key=lambda s: sum(b - a for a, b in per_stream[s].get("kernel", [])))
     lines.append("stream      kind                busy ms   count   (busy = union of intervals)")
     for stream, kinds in sorted(per_stream.items()):
@@ -89,8 +116,8 @@ def profile_summary(prof: Any, label: str, top: int = 20, with_ops: bool = True)
         lines.append(f"  gap {gap / 1e6:7.2f} ms at +{(at - window_start) / 1e6:9.1f} ms")
     calls, call_ns = collections.Counter(), collections.Counter()
     for e in runtime:
-        calls[e.name()] += 1
-        call_ns[e.name()] += e.duration_ns()
+        calls[e.name] += 1
+        call_ns[e.name] += e.duration()
     syncs = [name for name in calls if name in HOST_SYNCS]
     lines.append("host synchronisations: " + (", ".join(
         f"{name} x{calls[name]} ({call_ns[name] / 1e6:.1f} ms)" for name in syncs) or "none"))
@@ -99,13 +126,13 @@ def profile_summary(prof: Any, label: str, top: int = 20, with_ops: bool = True)
         f"{name} x{calls[name]} ({call_ns[name] / 1e6:.1f} ms)" for name in allocs) or "none"))
     lines.append("top runtime calls by host time: " + ", ".join(
         f"{name} x{calls[name]} {ns / 1e6:.1f} ms" for name, ns in call_ns.most_common(8)))
-    scalar_reads = sum(1 for e in events if e.name() in ("aten::_local_scalar_dense", "aten::item"))
+    scalar_reads = sum(1 for e in events if e.name in ("aten::_local_scalar_dense", "aten::item"))
     lines.append(f"aten::item / _local_scalar_dense calls (each a host sync): {scalar_reads}")
     kernels = collections.Counter()
     kernel_count = collections.Counter()
     for e in gpu:
-        kernels[e.name()[:90]] += e.duration_ns()
-        kernel_count[e.name()[:90]] += 1
+        kernels[e.name[:90]] += e.duration()
+        kernel_count[e.name[:90]] += 1
     lines.append(f"top {top} kernels by GPU time:")
     for name, ns in kernels.most_common(top):
         lines.append(f"  {ns / 1e6:8.1f} ms {kernel_count[name]:6d}x  {name}")

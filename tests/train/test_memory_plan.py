@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import transformers
@@ -21,14 +23,27 @@ def test_offload_keeps_three_layer_inputs_and_pins_the_rest():
     assert abs(plain.peak_bytes - offloaded.peak_bytes - 1.05 * 29 * layer_input) <= 2
 
 
-def test_chunked_mlp_working_set_does_not_grow_with_the_mlp_width_times_tokens():
+def test_chunked_working_set_does_not_grow_with_the_mlp_width_times_tokens():
     small = estimate(LLAMA_8B, 8, 4096, offload=True, mlp_chunk_tokens=4096)
     large = estimate(LLAMA_8B, 8, 32768, offload=True, mlp_chunk_tokens=4096)
     unchunked = estimate(LLAMA_8B, 8, 32768, offload=True, mlp_chunk_tokens=None)
-    chunk_part = 4096 * 2 * 7 * 14336
-    growth = large.terms["layer_working"] - small.terms["layer_working"]
-    assert growth == 8 * (32768 - 4096) * 2 * (5 * 4096 + 4 * 1024 + 4096 + 3 * 4096)  # per-token terms only
-    assert unchunked.terms["layer_working"] - large.terms["layer_working"] == 8 * 32768 * 2 * 7 * 14336 - chunk_part
+    n, d, h, k, i = 8 * 32768, 2, 4096, 1024, 14336
+    # attention's backward is the larger phase: 9 layer inputs + 2 for the grouped-KV expansion, 4 of K width
+    assert large.terms["layer_working"] == n * d * (11 * h + 4 * k)
+    assert small.terms["layer_working"] == 8 * 4096 * d * (11 * h + 4 * k)
+    mlp_phase = n * d * (7 * h + 2 * k) + 4096 * d * 7 * i  # the MLP's (tokens, I) tensors for one chunk only
+    assert mlp_phase < large.terms["layer_working"]
+    assert unchunked.terms["layer_working"] == n * d * (5 * h + 4 * k) + n * d * (h + 7 * i) + 3 * n * h * d
+    wide = estimate(dataclasses.replace(LLAMA_8B, intermediate=4 * i), 8, 32768, offload=True, mlp_chunk_tokens=4096)
+    assert wide.terms["layer_working"] - large.terms["layer_working"] <= 4096 * d * 7 * 3 * i  # not n x I
+
+
+def test_logits_chunk_is_bounded_by_the_vocabulary():
+    small_vocab = dataclasses.replace(LLAMA_8B, vocab=512)
+    plan = estimate(small_vocab, 4, 2048, offload=True, mlp_chunk_tokens=1024)
+    assert plan.terms["loss"] == 4 * 8192 * 4096 * 2 + 8192 * 512 * 4
+    assert estimate(LLAMA_8B, 4, 2048, offload=True, mlp_chunk_tokens=1024).terms["loss"] == \
+        4 * 8192 * 4096 * 2 + (256 << 20)
 
 
 def test_choose_prefers_plain_checkpointing_then_offload_and_fails_early_with_what_fits():
@@ -80,7 +95,7 @@ def test_model_shape_of_a_peft_model():
     shape = ModelShape.of(model, torch.bfloat16)
     assert (shape.hidden, shape.intermediate, shape.layers, shape.kv_width) == (256, 768, 2, 64)
     assert shape.trainable_params == 2 * ((4 * 256 + 256 * 4) + (4 * 256 + 64 * 4))  # layers x (q: A, B + v: A, B)
-    assert shape.compute_bytes == 2
+    assert shape.compute_bytes == 2 and shape.vocab == 512
 
 
 @pytest.mark.cuda
