@@ -266,11 +266,20 @@ def main() -> int:
     runs = parse_runs(args.runs)
     searched = set(filter(None, args.search.split(",")))
     model, label = None, None
+
+    def save() -> list[str]:  # after every configuration: a run killed by its time limit keeps what it measured
+        summary = targets(rows)
+        if args.json:
+            meta = {"card": card, "total_gib": total / GIB, "commit": commit, "torch": torch.__version__}
+            args.json.write_text(json.dumps({"meta": meta, "rows": rows, "targets": summary}, indent=1))
+        return summary
+
     if args.diagnose_dir is not None and device.type == "cuda":
         model, label = build_model("llama3.1-8b", device), "llama3.1-8b:bf16"
         if args.pin_first:
             pin_longest(model, label, runs, args.snapshot_context, device)
         rows += diagnose(model, tokenizer, device, args, started)
+        save()
     for shape, quant, context, modes in runs:
         if label != f"{shape}:{quant}":
             model = label = None
@@ -293,16 +302,12 @@ def main() -> int:
                 rows.append(skipped(label, context, mode))
                 continue
             rows.append(run_one(model, tokenizer, label, context, mode, 2 if context in timed else 1, device))
+            save()
         if label in searched and device.type == "cuda":
             searched.discard(label)
             rows += search_longest(model, label, total)
-    summary = targets(rows)
-    for line in summary:
+    for line in save():
         print(line)
-    if args.json:
-        args.json.write_text(json.dumps({"meta": {"card": card, "total_gib": total / GIB, "commit": commit,
-                                                  "torch": torch.__version__}, "rows": rows, "targets": summary},
-                                        indent=1))
     return 0
 
 
