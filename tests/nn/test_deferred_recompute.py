@@ -152,11 +152,13 @@ def test_lora_input_casts_skipped_under_autocast_give_the_same_gradients():
     lora_a = reference.get_base_model().model.layers[0].self_attn.q_proj.lora_A["default"].weight
     assert lora_a.dtype == torch.float32  # peft's default adapter dtype over a bf16 base
     assert all(len(modules) == 7 for modules in runner._casting)
+    before = [m.__dict__.get("cast_input_dtype_enabled", "unset") for modules in runner._casting for m in modules]
     expected, got = _grads(reference, ids, torch.bfloat16), _grads(candidate, ids, torch.bfloat16)
     for name in expected:
         scale = expected[name].float().abs().max().item()
         torch.testing.assert_close(got[name].float(), expected[name].float(), rtol=0, atol=1e-2 * scale, msg=name)
-    assert all("cast_input_dtype_enabled" not in m.__dict__ for modules in runner._casting for m in modules)
+    after = [m.__dict__.get("cast_input_dtype_enabled", "unset") for modules in runner._casting for m in modules]
+    assert after == before  # peft's switch is back as it was
 
 
 @pytest.mark.cuda
@@ -183,3 +185,18 @@ def test_cuda_bounded_layer_under_autocast_matches_plain_checkpointing():
         for name in expected:
             scale = expected[name].abs().max().item()
             torch.testing.assert_close(got[name], expected[name], rtol=0.02, atol=0.02 * scale, msg=name)
+
+
+def test_exact_casts_skipped_only_under_autocast_to_the_activations_dtype():
+    from fusedrl.nn.layer_working_set import exact_casts_skipped
+
+    layer = torch.nn.Linear(2, 2)
+    layer._cast_input_dtype = None  # stands for a peft LoRA layer here
+    x = torch.zeros(1, 2, dtype=torch.bfloat16)
+    with exact_casts_skipped([layer], x):
+        assert "cast_input_dtype_enabled" not in layer.__dict__  # no autocast: peft's casts are needed
+    with torch.autocast("cpu", dtype=torch.bfloat16), exact_casts_skipped([layer], x):
+        assert layer.cast_input_dtype_enabled is False
+    assert "cast_input_dtype_enabled" not in layer.__dict__
+    with torch.autocast("cpu", dtype=torch.bfloat16), exact_casts_skipped([layer], x.float()):
+        assert "cast_input_dtype_enabled" not in layer.__dict__  # float32 activations: the cast is not a no-op
