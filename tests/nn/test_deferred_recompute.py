@@ -200,3 +200,26 @@ def test_exact_casts_skipped_only_under_autocast_to_the_activations_dtype():
     assert "cast_input_dtype_enabled" not in layer.__dict__
     with torch.autocast("cpu", dtype=torch.bfloat16), exact_casts_skipped([layer], x.float()):
         assert "cast_input_dtype_enabled" not in layer.__dict__  # float32 activations: the cast is not a no-op
+
+
+def test_qwen3_head_norms_chunked_match_unchunked_in_float64():
+    """Qwen3's per-head q/k norms are chunked too (rows of head_dim): same gradients as plain checkpointing."""
+    def qwen3():
+        torch.manual_seed(0)
+        config = transformers.Qwen3Config(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                          max_position_embeddings=256)
+        return _lora(transformers.Qwen3ForCausalLM(config).to(torch.float64).train())
+
+    ids = _ids()
+    reference, candidate = qwen3(), qwen3()
+    reference.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    runner = OffloadedCheckpointing.install(candidate, offload=True, mlp_chunk_tokens=7)
+    attention = runner.layers[0].self_attn
+    assert attention.q_norm.fusedrl_chunk_tokens == 7 * 4 and attention.k_norm.fusedrl_chunk_tokens == 7 * 4
+    expected, got = _grads(reference, ids), _grads(candidate, ids)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-12, atol=1e-13, msg=name)
+    assert runner._deferrable == {0: True, 1: True}
+    runner.uninstall(candidate)
+    assert "forward" not in attention.q_norm.__dict__
