@@ -356,3 +356,16 @@ def test_interrupted_backward_with_a_recording_arena_resets_on_the_next_forward(
     assert ("reset", -1) in arena.events and not arena.stored
     for name in expected:
         assert torch.equal(got[name], expected[name]), name
+
+
+def test_reinstalling_hands_the_pinned_arena_to_the_new_runner(monkeypatch):
+    """A second trainer on the same model installs a new runner: it takes over the arena (no second pinning)."""
+    arena = _RecordingArena()
+    _use_recording_arena(monkeypatch, arena)
+    model = _lora(_tiny_llama(torch.float32, layers=3))
+    first = OffloadedCheckpointing.install(model, offload=True, min_offload_bytes=0)
+    _grads(model, _input_ids())
+    assert first.arena is arena
+    second = OffloadedCheckpointing.install(model, offload=True, min_offload_bytes=0)
+    assert second.arena is arena and first.arena is None and model.fusedrl_checkpointing is second
+    assert arena.events[-1] == ("reset", -1)

@@ -13,12 +13,17 @@ torch's (the `_gradient_checkpointing_func` attribute transformers itself sets f
            incoming gradient, then releases its slot.
 
 Without offload (`offload=False`, or on CPU, or when pinned memory cannot be had) it is plain recompute
-checkpointing with the same arithmetic. `mlp_chunk_tokens` also bounds each layer's MLP working set
-(`fusedrl.nn.chunked_mlp`), and the final norm keeps only its bf16 input for backward (not the fp32 copies an
-RMSNorm saves: the final hidden states are not held twice while the loss runs). An interrupted backward leaves
-nothing behind: `reset()` (called by the trainer after
-every micro-batch, and by the next forward when a previous backward stopped half-way) forgets every entry; a stale
-handle is refused by the arena instead of reading another pass's bytes.
+checkpointing with the same arithmetic. `mlp_chunk_tokens` bounds each layer's working set: the MLP and the two
+norms work on that many tokens at a time (`fusedrl.nn.chunked_mlp`: only their inputs are kept, not the float32
+copies an RMSNorm saves nor the MLP's (tokens, intermediate) tensors), the final norm too (the final hidden states
+are not held twice while the loss runs), and the recompute in backward skips the chunked MLP's output value where
+the layer only adds it to the residual stream (checked once per layer on the recorded graph,
+`fusedrl.nn.recompute_graph`): the MLP then runs twice per step, as with plain checkpointing, not three times.
+Under autocast to the activations' dtype, peft's no-op float32 cast of each LoRA input is switched off for the
+layer's calls (peft's own `cast_input_dtype_enabled`), so the projections keep no (tokens, H) copies of their input.
+An interrupted backward leaves nothing behind: `reset()` (called by the trainer after every micro-batch, and by the
+next forward when a previous backward stopped half-way) forgets every entry; a stale handle is refused by the arena
+instead of reading another pass's bytes.
 
 Restrictions: dropout must be off inside the layers (the recompute does not replay random numbers), and only the
 layer's first positional input may require grad (true of transformers' decoder layers).
@@ -26,6 +31,7 @@ layer's first positional input may require grad (true of transformers' decoder l
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from collections.abc import Callable
@@ -33,7 +39,16 @@ from typing import Any
 
 import torch
 
-from fusedrl.nn.chunked_mlp import autocast_as, autocast_state, chunk_mlp, recompute_in_backward, unchunk_mlp
+from fusedrl.nn.chunked_mlp import (
+    autocast_as,
+    autocast_state,
+    chunk_norm,
+    deferred_outputs,
+    recompute_in_backward,
+    unchunk_mlp,
+)
+from fusedrl.nn.layer_working_set import chunk_layer, exact_casts_skipped, input_casting_modules, unchunk_layer
+from fusedrl.nn.recompute_graph import only_value_free_ops_above
 from fusedrl.ops import offload as offload_ops
 
 logger = logging.getLogger("fusedrl.offload")
@@ -54,13 +69,16 @@ class OffloadedCheckpointing:
     """The checkpoint function of every decoder layer of one model, and the arena its inputs go to."""
 
     def __init__(self, layers: list[torch.nn.Module], *, offload: bool, mlp_chunk_tokens: int | None,
-                 min_offload_bytes: int = DEFAULT_MIN_OFFLOAD_BYTES) -> None:
+                 min_offload_bytes: int = DEFAULT_MIN_OFFLOAD_BYTES, defer_mlp: bool = True) -> None:
         if not layers:
             raise ValueError("found no decoder layers (transformers GradientCheckpointingLayer) to checkpoint")
         self.layers = layers
         self.offload = offload
         self.min_offload_bytes = min_offload_bytes
         self.mlp_chunk_tokens = mlp_chunk_tokens
+        self.defer_mlp = defer_mlp  # recompute without the chunked MLP's output where the graph allows it
+        self._deferrable: dict[int, bool] = {}  # per layer index, once checked (fusedrl.nn.recompute_graph)
+        self._casting: list[list[torch.nn.Module]] = [[] for _ in layers]  # peft layers that cast their input
         self.fallback_logged = False
         self.final_norm: torch.nn.Module | None = None
         self._arena: torch.ScriptObject | None = None
@@ -75,8 +93,10 @@ class OffloadedCheckpointing:
     # ---------------------------------------------------------------------------------------------------------
     @classmethod
     def install(cls, model: torch.nn.Module, *, offload: bool = True, mlp_chunk_tokens: int | None = None,
-                min_offload_bytes: int = DEFAULT_MIN_OFFLOAD_BYTES) -> OffloadedCheckpointing:
-        """Enable checkpointing on `model` (transformers or peft around one) with this class's function."""
+                min_offload_bytes: int = DEFAULT_MIN_OFFLOAD_BYTES, defer_mlp: bool = True) -> OffloadedCheckpointing:
+        """Enable checkpointing on `model` (transformers or peft around one) with this class's function. With
+        `mlp_chunk_tokens`, each layer's MLP and norms (and the final norm) work on that many tokens at a time, and
+        (`defer_mlp`) the recompute in backward skips the MLP's output value where nothing reads it."""
         from transformers.modeling_layers import GradientCheckpointingLayer
 
         enable = getattr(model, "gradient_checkpointing_enable", None)
@@ -85,14 +105,22 @@ class OffloadedCheckpointing:
         layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
         _check_no_dropout(model, layers)
         enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        runner = cls(layers, offload=offload, mlp_chunk_tokens=mlp_chunk_tokens, min_offload_bytes=min_offload_bytes)
+        runner = cls(layers, offload=offload, mlp_chunk_tokens=mlp_chunk_tokens, min_offload_bytes=min_offload_bytes,
+                     defer_mlp=defer_mlp)
+        runner._casting = [input_casting_modules(layer) for layer in layers]
+        previous = model.__dict__.get("fusedrl_checkpointing")
+        if offload and isinstance(previous, OffloadedCheckpointing) and previous._arena is not None:
+            previous.reset()  # the pinned arena goes to the new runner: pinning tens of GiB again takes seconds
+            runner._arena, runner._arena_device = previous._arena, previous._arena_device
+            previous._arena = None
         for index, layer in enumerate(layers):
             layer._gradient_checkpointing_func = functools.partial(runner._checkpoint, index)
-            mlp = getattr(layer, "mlp", None)
-            if mlp_chunk_tokens is not None and isinstance(mlp, torch.nn.Module):
-                chunk_mlp(mlp, mlp_chunk_tokens)
+            if mlp_chunk_tokens is not None:
+                chunk_layer(layer, mlp_chunk_tokens)
         runner.final_norm = _final_norm_of(model)
-        if runner.final_norm is not None:
+        if runner.final_norm is not None and mlp_chunk_tokens is not None:
+            chunk_norm(runner.final_norm, mlp_chunk_tokens)
+        elif runner.final_norm is not None:
             recompute_in_backward(runner.final_norm)
         model.fusedrl_checkpointing = runner
         return runner
@@ -104,8 +132,7 @@ class OffloadedCheckpointing:
 
         for layer in self.layers:
             layer._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False)
-            if isinstance(getattr(layer, "mlp", None), torch.nn.Module):
-                unchunk_mlp(layer.mlp)
+            unchunk_layer(layer)
         if self.final_norm is not None:
             unchunk_mlp(self.final_norm)  # the same instance-forward restore
         model.__dict__.pop("fusedrl_checkpointing", None)
@@ -195,12 +222,43 @@ class OffloadedCheckpointing:
         if saved.handle >= 0 and saved.pass_id == self._pass_id:
             offload_ops.release_offloaded(self._arena, saved.handle)
 
+    def _exact_casts_skipped(self, layer_index: int, hidden: torch.Tensor) -> contextlib.AbstractContextManager:
+        return exact_casts_skipped(self._casting[layer_index], hidden)
+
+    def _recompute(self, layer_index: int, function: Callable[..., Any], hidden: torch.Tensor, rest: tuple,
+                   autocast: tuple) -> tuple:
+        """The layer's outputs with their graph, for its backward. Where the first check of this layer's graph
+        showed that only additions read its chunked MLP's output, that output is a placeholder (computed chunk by
+        chunk in the MLP's own backward): the MLP runs once in backward instead of twice."""
+        verdict = self._deferrable.get(layer_index)
+        if self.defer_mlp and self.mlp_chunk_tokens is not None and verdict is not False:
+            outputs = None
+            try:
+                with torch.enable_grad(), autocast_as(autocast), deferred_outputs() as deferred, \
+                        self._exact_casts_skipped(layer_index, hidden):
+                    outputs = _as_tuple(function(hidden, *rest))
+            except RuntimeError as err:  # first try only, e.g. an in-place write into the placeholder
+                if verdict or isinstance(err, torch.OutOfMemoryError):
+                    raise
+            if outputs is not None and not deferred:  # nothing was deferred (a short pass): complete outputs
+                return outputs
+            if outputs is not None and (verdict or only_value_free_ops_above(outputs, deferred)):
+                self._deferrable[layer_index] = True
+                return _without_values(outputs)
+            self._deferrable[layer_index] = False
+            logger.info("layer %d: its MLP's output is read by more than additions; recomputing it in full",
+                        layer_index)
+            outputs = deferred = None
+        with torch.enable_grad(), autocast_as(autocast), self._exact_casts_skipped(layer_index, hidden):
+            return _as_tuple(function(hidden, *rest))
+
     # ---------------------------------------------------------------------------------------------------------
     # the checkpoint function transformers calls: function(hidden, *rest) with keyword arguments bound
     # ---------------------------------------------------------------------------------------------------------
     def _checkpoint(self, layer_index: int, function: Callable[..., Any], *args: Any) -> Any:
         if not torch.is_grad_enabled():
-            return function(*args)
+            with self._exact_casts_skipped(layer_index, args[0]):
+                return function(*args)
         hidden, rest = args[0], args[1:]
         bound = getattr(function, "keywords", {}) or {}
         if any(_requires_grad(value) for value in (*rest, *bound.values())):
@@ -216,12 +274,12 @@ class _OffloadedLayer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, runner: OffloadedCheckpointing, layer_index: int, function: Callable, anchor: torch.Tensor,
                 hidden: torch.Tensor, *rest: Any):
-        ctx.runner, ctx.function, ctx.rest = runner, function, rest
+        ctx.runner, ctx.function, ctx.rest, ctx.layer_index = runner, function, rest, layer_index
         ctx.autocast = autocast_state()
         ctx.hidden_requires_grad = hidden.requires_grad
         # Queued before the layer runs: the D2H copy of its input overlaps the layer's own compute.
         ctx.saved = runner._save(hidden.detach(), layer_index)
-        with torch.no_grad():
+        with torch.no_grad(), runner._exact_casts_skipped(layer_index, hidden):
             outputs = function(hidden, *rest)
         return outputs
 
@@ -230,9 +288,7 @@ class _OffloadedLayer(torch.autograd.Function):
         runner, saved = ctx.runner, ctx.saved
         try:
             hidden = runner._load(saved).detach().requires_grad_(ctx.hidden_requires_grad)
-            with torch.enable_grad(), autocast_as(ctx.autocast):
-                outputs = ctx.function(hidden, *ctx.rest)
-            outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+            outputs = runner._recompute(ctx.layer_index, ctx.function, hidden, ctx.rest, ctx.autocast)
             pairs = [(out, grad) for out, grad in zip(outputs, grad_outputs)
                      if isinstance(out, torch.Tensor) and out.requires_grad and grad is not None]
             if pairs:
@@ -242,6 +298,20 @@ class _OffloadedLayer(torch.autograd.Function):
             runner._release(saved)
             ctx.saved = None
         return (None, None, None, None, grad_hidden) + (None,) * len(ctx.rest)
+
+
+def _without_values(outputs: tuple) -> tuple:
+    """A deferred recompute's outputs hold placeholder sums that backward never reads: an addition's backward does
+    not read its result. Their bytes are given back now (the tensors keep shape, dtype and graph for backward)."""
+    for out in outputs:
+        if (isinstance(out, torch.Tensor) and out._base is None and out.grad_fn is not None
+                and type(out.grad_fn).__name__ in ("AddBackward0", "SubBackward0")):
+            out.untyped_storage().resize_(0)
+    return outputs
+
+
+def _as_tuple(outputs: Any) -> tuple:
+    return outputs if isinstance(outputs, tuple) else (outputs,)
 
 
 def _final_norm_of(model: torch.nn.Module) -> torch.nn.Module | None:

@@ -2,20 +2,27 @@
 context, before anything runs; the checkpointing mode (plain / offloaded) and MLP chunk size that fit.
 
 Terms (N = batch x sequence tokens of one micro-batch, d = bytes of the compute dtype, H hidden, I MLP width,
-K = key/value width, L layers):
+K = key/value width, L layers; U = N*H*d, one layer input; KV = N*K*d):
   weights          every parameter and buffer as stored;
   optimizer        per trainable parameter: its gradient (own dtype) + AdamW's two fp32 moments;
-  checkpoints      one layer input per layer, N*H*d each: L of them on the device without offload; with offload the
+  checkpoints      one layer input per layer, U each: L of them on the device without offload; with offload the
                    last layer's plus the two device slots (3);
-  layer working    the peak inside one layer's recompute + backward: attention's saved tensors N*d*(5H + 4K)
-                   (norm output, q, rotated q, attention output, o-proj output; k, v and their rotated copies), the
-                   MLP's N*d*(H + 7I): its input, the four saved (N, I) tensors (gate, up, act, product) and three
-                   of their gradients in flight — or, chunked by c tokens, N*d*H + c*d*7I — and 3*N*H*d of
-                   gradients in flight;
+  layer working    the peak inside one layer's recompute + backward.
+                   Unchunked (transformers' checkpointing, or fusedrl's without chunks): attention's saved tensors
+                   N*d*(5H + 4K), the MLP's N*d*(H + 7I) (its input, the four saved (N, I) tensors and three of
+                   their gradients in flight) and 3U of gradients in flight.
+                   Chunked by c tokens (fusedrl.nn.offload: MLP and norms chunked, the MLP's output deferred in the
+                   recompute, no LoRA input copies): the larger of two phases —
+                     attention backward: kept x_norm, rotated q, attention output (3U) and rotated k, v (2KV); in
+                     flight the layer's output gradient, the residual's, the attention output's (3U), dq (U), flash
+                     attention's float32 dq accumulator (2U), dk, dv (2KV) and, with grouped KV heads, dk, dv
+                     expanded to every head (2U): 9U + 4KV (+ 2U);
+                     MLP backward: the five kept tensors (5U + 2KV), the output and input gradients (2U) and one
+                     chunk's MLP tensors c*d*7I;
   loss             the final-norm input and output, the completion hidden states' contiguous copy and the fused
-                   op's (N, H) gradient direction: 4*N*H*d, plus one 256 MiB chunk of logits; with transformers'
-                   own checkpointing also the two float32 (N, H) copies its RMSNorm saves (fusedrl's checkpointing,
-                   i.e. offload or MLP chunks, recomputes the final norm instead);
+                   op's (N, H) gradient direction: 4U, plus one chunk of float32 logits (256 MiB, or N x vocab when
+                   smaller); with transformers' own checkpointing also the two float32 (N, H) copies its RMSNorm
+                   saves (fusedrl's checkpointing chunks the final norm instead);
   engine           the rollout engine's KV cache when it is not freed during training (passed in);
   overhead         5% for allocator rounding and fragmentation.
 peak = weights + optimizer + engine + checkpoints + max(layer working, loss), times the overhead factor.
@@ -47,6 +54,7 @@ class ModelShape:
     trainable_params: int
     trainable_bytes: int
     compute_bytes: int = 2  # bytes per activation element (bf16/fp16: 2, fp32: 4)
+    vocab: int = 0  # output vocabulary (0: unknown, the loss's logits chunk is taken at its full size)
 
     @classmethod
     def of(cls, model: torch.nn.Module, compute_dtype: torch.dtype | None = None) -> ModelShape:
@@ -70,6 +78,7 @@ class ModelShape:
             trainable_params=sum(p.numel() for p in trainable),
             trainable_bytes=sum(p.numel() * p.element_size() for p in trainable),
             compute_bytes=torch.empty(0, dtype=dtype).element_size(),
+            vocab=int(getattr(config, "vocab_size", 0) or 0),
         )
 
 
@@ -111,20 +120,23 @@ def estimate(shape: ModelShape, batch: int, sequence: int, *, offload: bool, mlp
     if mlp_chunk_tokens is not None and (not isinstance(mlp_chunk_tokens, int) or mlp_chunk_tokens < 1):
         raise ValueError(f"mlp_chunk_tokens must be None or an int >= 1, got {mlp_chunk_tokens!r}")
     n, d, h, i, k = batch * sequence, shape.compute_bytes, shape.hidden, shape.intermediate, shape.kv_width
-    layer_input = n * h * d
+    layer_input, kv = n * h * d, n * k * d
     on_device = min(3, shape.layers) if offload else shape.layers
-    attention = n * d * (5 * h + 4 * k)
     if mlp_chunk_tokens is None or mlp_chunk_tokens >= n:
-        mlp = n * d * (h + 7 * i)
+        layer_working = n * d * (5 * h + 4 * k) + n * d * (h + 7 * i) + 3 * layer_input
     else:
-        mlp = n * d * h + mlp_chunk_tokens * d * 7 * i
+        grouped = 2 * layer_input if k < h else 0
+        attention_backward = 9 * layer_input + 4 * kv + grouped
+        mlp_backward = 7 * layer_input + 2 * kv + mlp_chunk_tokens * d * 7 * i
+        layer_working = max(attention_backward, mlp_backward)
+    logits = LOGITS_CHUNK_BYTES if not shape.vocab else min(LOGITS_CHUNK_BYTES, n * shape.vocab * 4)
     terms = {
         "weights": shape.weight_bytes,
         "optimizer": shape.trainable_bytes + 8 * shape.trainable_params,
         "engine": engine_bytes,
         "checkpoints": on_device * layer_input,
-        "layer_working": attention + mlp + 3 * layer_input,
-        "loss": 4 * layer_input + LOGITS_CHUNK_BYTES + (0 if offload or mlp_chunk_tokens else 8 * n * h),
+        "layer_working": layer_working,
+        "loss": 4 * layer_input + logits + (0 if offload or mlp_chunk_tokens else 8 * n * h),
     }
     pinned = (shape.layers - 1) * ((layer_input + 255) // 256 * 256) if offload else 0
     return MemoryPlan(tokens=n, offload=offload, mlp_chunk_tokens=mlp_chunk_tokens, terms=terms,
@@ -176,12 +188,14 @@ def available_host_bytes() -> int | None:
 
 
 def longest_sequence(shape: ModelShape, batch: int, budget_bytes: int, *, offload: bool,
-                     mlp_chunk_tokens: int | None, engine_bytes: int = 0) -> int:
-    """The longest sequence (tokens) whose estimated peak fits the budget; 0 when none does (bisection)."""
+                     mlp_chunk_tokens: int | None, engine_bytes: int = 0, host_budget_bytes: int | None = None) -> int:
+    """The longest sequence (tokens) whose estimated peak fits the budget (and whose pinned arena fits
+    `host_budget_bytes`, when given); 0 when none does (bisection)."""
     def fits(sequence: int) -> bool:
         plan = estimate(shape, batch, sequence, offload=offload, mlp_chunk_tokens=mlp_chunk_tokens,
                         engine_bytes=engine_bytes)
-        return plan.peak_bytes <= budget_bytes
+        host_ok = host_budget_bytes is None or plan.pinned_host_bytes <= host_budget_bytes
+        return plan.peak_bytes <= budget_bytes and host_ok
 
     if not fits(1):
         return 0
