@@ -184,3 +184,18 @@ def test_python_dash_m_entry_point():
         env={"PYTHONPATH": str(Path(__file__).parents[1] / "python"), "PATH": ""},
     )
     assert result.returncode == 0 and "train" in result.stdout and "eval" in result.stdout
+
+
+def test_sampled_eval_is_seeded_and_checks_its_arguments(tiny_run_files, capsys):
+    tmp_path, _ = tiny_run_files
+    base = ["eval", "--model", str(tmp_path / "model"), "--dataset", "sums", "--limit", "3", "--max-new-tokens", "4"]
+    outputs = []
+    for _ in range(2):
+        assert main([*base, "--temperature", "1", "--samples", "2", "--show", "6"]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] and "/6 sampled at temperature 1," in outputs[0]
+    for extra, message in [(["--samples", "2"], "--samples 2 needs --temperature"),
+                           (["--temperature", "0"], "--temperature: expected a positive number"),
+                           (["--temperature", "1", "--samples", "0"], "--samples: expected an integer >= 1")]:
+        assert main([*base, *extra]) == 2
+        assert message in capsys.readouterr().err

@@ -63,7 +63,7 @@ def test_sums_example_trains_a_step_on_a_tiny_model(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"reward curve: {tmp_path / 'run' / 'metrics.png'}" in out
     eval_line = next(line.strip() for line in out.splitlines() if line.strip().startswith("fusedrl eval"))
-    assert eval_line.endswith("--dataset sums --limit 20 --max-new-tokens 8")
+    assert eval_line.endswith("--dataset sums --limit 20 --max-new-tokens 8 --temperature 1 --samples 4")
     # the printed eval command runs (here on the tiny model: 20 held-out sums, 8 tokens each)
     assert main(eval_line.split()[1:]) == 0
     assert "accuracy: " in capsys.readouterr().out

@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--output-dir", metavar="DIR", help="override output_dir (the run directory)")
     train.set_defaults(handler=command_train)
 
-    evaluate = commands.add_parser("eval", help="greedy GSM8K accuracy of a model (and adapter)")
+    evaluate = commands.add_parser("eval", help="accuracy of a model (and adapter) on held-out problems, greedy or sampled")
     evaluate.add_argument(
         "--model",
         required=True,
@@ -184,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--dataset", default="gsm8k-offline", help="sums | gsm8k-offline | gsm8k | FILE.jsonl")
     evaluate.add_argument("--max-new-tokens", type=int, default=256)
     evaluate.add_argument("--show", type=int, default=2, help="completions to print")
+    evaluate.add_argument("--temperature", type=float, default=None,
+                          help="sample at this temperature instead of greedy decoding (seeded)")
+    evaluate.add_argument("--samples", type=int, default=1, help="completions per problem when sampling (default 1)")
     evaluate.set_defaults(handler=command_eval)
 
     plot = commands.add_parser("plot", help="draw a run's curves from RUN_DIR/metrics.jsonl")

@@ -1,10 +1,16 @@
-"""number_answer_reward: the bare answer 1.0, the answer as the last number of more text 0.5, else 0.0."""
+"""number_answer_reward: the bare answer 1.0, the answer as the last number of more text 0.5, else 0.0;
+final_number_reward: 1.0 when the last number is the answer."""
 
 from __future__ import annotations
 
 import pytest
 from fusedrl.rewards import get_reward_function
-from fusedrl.rewards.arithmetic import number_answer_reward, number_answer_score
+from fusedrl.rewards.arithmetic import (
+    final_number_reward,
+    final_number_score,
+    number_answer_reward,
+    number_answer_score,
+)
 
 
 @pytest.mark.parametrize(
@@ -40,3 +46,20 @@ def test_missing_or_misaligned_answers_are_clear_errors():
         number_answer_reward(None, ["1"])
     with pytest.raises(ValueError, match="1 entries but there are 2"):
         number_answer_reward(None, ["1", "2"], answer=["1"])
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("7", 1.0), ("3 + 4 = 7", 1.0), ("it is 7.", 1.0), ("3 + 4 = 8", 0.0), ("7 or 8", 0.0), ("seven", 0.0),
+     ("1,007", 0.0), ("", 0.0)],
+)
+def test_final_number_scores(text, expected):
+    assert final_number_score(text, "7") == expected
+
+
+def test_final_number_reward_is_registered_and_keeps_none():
+    completions = [[{"role": "assistant", "content": "3 + 6 = 9"}], "so 8", "9"]
+    assert final_number_reward(None, completions, answer=["9", "9", None]) == [1.0, 0.0, None]
+    assert get_reward_function("final_number_reward") is final_number_reward
+    with pytest.raises(ValueError, match="final_number_reward needs the ground truth"):
+        final_number_reward(None, ["1"])

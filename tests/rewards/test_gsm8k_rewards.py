@@ -101,6 +101,7 @@ def test_registry() -> None:
         "xmlcount_reward",
         "proximity_reward",
         "number_answer_reward",
+        "final_number_reward",
     }
     assert get_reward_function("int_reward") is int_reward
     with pytest.raises(ValueError, match="correctness_reward"):

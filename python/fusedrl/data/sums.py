@@ -2,7 +2,7 @@
 
 All 81 pairs (a, b) with a, b in 1..9, shuffled once with a fixed seed, are split into 61 training and 20 held-out
 questions, so `fusedrl eval --dataset sums` measures questions the demo never trained on. Rows are chat prompts
-(user message only) with the answer as a string, the columns number_answer_reward and correctness-style rewards read.
+(user message only) with the answer as a string, the column final_number_reward and number_answer_reward read.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 
-from fusedrl.rewards.arithmetic import number_answer_reward
+from fusedrl.rewards.arithmetic import final_number_reward, number_answer_reward
 from fusedrl.rewards.gsm8k import (
     correctness_reward,
     int_reward,
@@ -28,6 +28,7 @@ REWARD_FUNCTIONS: dict[str, RewardFunction] = {
         xmlcount_reward,
         proximity_reward,
         number_answer_reward,
+        final_number_reward,
     )
 }
 
@@ -45,6 +46,7 @@ __all__ = [
     "REWARD_FUNCTIONS",
     "RewardFunction",
     "correctness_reward",
+    "final_number_reward",
     "get_reward_function",
     "int_reward",
     "make_proximity_reward",

@@ -57,6 +57,24 @@ class SamplingConfig:
             raise TypeError(f"SamplingConfig.greedy must be a bool, got {self.greedy!r}")
 
 
+def check_generate_arguments(
+    prompt_ids: list[list[int]], sampling: SamplingConfig, generator: torch.Generator | None, vocab_size: int
+) -> None:
+    """The argument checks every engine's generate() shares: a SamplingConfig, a torch.Generator or None, and a
+    non-empty list of non-empty prompts of token ids in [0, vocab_size)."""
+    if not isinstance(sampling, SamplingConfig):
+        raise TypeError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if not isinstance(prompt_ids, (list, tuple)) or len(prompt_ids) == 0:
+        raise ValueError("prompt_ids must be a non-empty list of token-id lists")
+    for row, prompt in enumerate(prompt_ids):
+        if len(prompt) == 0:
+            raise ValueError(f"prompt_ids[{row}] is empty: every prompt needs at least one token")
+        if not all(isinstance(t, int) and 0 <= t < vocab_size for t in prompt):
+            raise ValueError(f"prompt_ids[{row}] must hold ints in [0, {vocab_size}), got {list(prompt)[:8]}...")
+
+
 def _is_finite_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 

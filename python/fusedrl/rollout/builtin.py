@@ -26,7 +26,7 @@ import torch
 import transformers
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from fusedrl.rollout.base import RolloutOutput, SamplingConfig
+from fusedrl.rollout.base import RolloutOutput, SamplingConfig, check_generate_arguments
 from fusedrl.rollout.static_decode import StaticDecodeLoop
 
 logger = logging.getLogger(__name__)
@@ -128,14 +128,6 @@ class BuiltinEngine:
         return next(self.model.parameters()).device
 
     def _left_pad(self, prompt_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        if not isinstance(prompt_ids, (list, tuple)) or len(prompt_ids) == 0:
-            raise ValueError("prompt_ids must be a non-empty list of token-id lists")
-        vocab_size = self.model.get_input_embeddings().num_embeddings
-        for row, prompt in enumerate(prompt_ids):
-            if len(prompt) == 0:
-                raise ValueError(f"prompt_ids[{row}] is empty: every prompt needs at least one token")
-            if not all(isinstance(t, int) and 0 <= t < vocab_size for t in prompt):
-                raise ValueError(f"prompt_ids[{row}] must hold ints in [0, {vocab_size}), got {list(prompt)[:8]}...")
         width = max(len(prompt) for prompt in prompt_ids)
         input_ids = torch.full((len(prompt_ids), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
@@ -194,10 +186,7 @@ class BuiltinEngine:
         generator: torch.Generator | None = None,
     ) -> RolloutOutput:
         """Complete each prompt once. See `RolloutOutput` for the returned tensors (on the model's device)."""
-        if not isinstance(sampling, SamplingConfig):
-            raise TypeError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        check_generate_arguments(prompt_ids, sampling, generator, self.model.get_input_embeddings().num_embeddings)
         input_ids, attention_mask = self._left_pad(prompt_ids)
         if self._uses_static_loop(prompt_ids, sampling):
             return self._generate_static(prompt_ids, sampling, generator)

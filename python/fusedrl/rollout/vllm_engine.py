@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from fusedrl.rollout.base import RolloutOutput, SamplingConfig
+from fusedrl.rollout.base import RolloutOutput, SamplingConfig, check_generate_arguments
 from fusedrl.rollout.vllm_lora import LoraHandoff
 from fusedrl.rollout.vllm_standby import Standby, check_training_fits, warn_if_training_does_not_fit
 
@@ -100,16 +100,8 @@ class VLLMEngine:
         warn_if_training_does_not_fit(fit, utilization)
 
     # ------------------------------------------------------------------------------------------------------------
-    def _check_prompts(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> None:
-        if not isinstance(prompt_ids, (list, tuple)) or len(prompt_ids) == 0:
-            raise ValueError("prompt_ids must be a non-empty list of token-id lists")
+    def _check_lengths(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> None:
         for row, prompt in enumerate(prompt_ids):
-            if len(prompt) == 0:
-                raise ValueError(f"prompt_ids[{row}] is empty: every prompt needs at least one token")
-            if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in prompt):
-                raise ValueError(
-                    f"prompt_ids[{row}] must hold ints in [0, {self.vocab_size}), got {list(prompt)[:8]}..."
-                )
             if len(prompt) + sampling.max_new_tokens > self.max_model_len:
                 raise ValueError(
                     f"prompt_ids[{row}] has {len(prompt)} tokens; with max_new_tokens={sampling.max_new_tokens} "
@@ -143,11 +135,8 @@ class VLLMEngine:
         generator: torch.Generator | None = None,
     ) -> RolloutOutput:
         """Complete each prompt once with vLLM. Tensors come back on the training model's device."""
-        if not isinstance(sampling, SamplingConfig):
-            raise TypeError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-        self._check_prompts(prompt_ids, sampling)
+        check_generate_arguments(prompt_ids, sampling, generator, self.vocab_size)
+        self._check_lengths(prompt_ids, sampling)
         from vllm.inputs import TokensPrompt
 
         seeds: list[int | None] = [None] * len(prompt_ids)

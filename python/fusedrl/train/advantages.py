@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fusedrl.train.config import SCALE_REWARDS
+from fusedrl.train.config_checks import SCALE_REWARDS
 
 logger = logging.getLogger(__name__)
 

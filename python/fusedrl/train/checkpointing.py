@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from fusedrl.nn.offload import OffloadedCheckpointing
-from fusedrl.train.config import normalize_checkpointing
+from fusedrl.train.config_checks import normalize_checkpointing
 from fusedrl.train.memory_plan import MemoryPlan, ModelShape, available_host_bytes, choose, estimate
 
 logger = logging.getLogger("fusedrl.memory")

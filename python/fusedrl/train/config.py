@@ -19,37 +19,25 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fusedrl.config_fields import check_field_types, check_known_fields
+from fusedrl.train.config_checks import (
+    DTYPES,
+    LR_SCHEDULERS,
+    OPTIMIZERS,
+    SCALE_REWARDS,
+    check_chunking,
+    check_counts,
+    check_ranges,
+    check_sampler_correction,
+    check_vllm,
+    one_of,
+    resolve_generation_batch,
+)
 
 if TYPE_CHECKING:
     import torch
 
     from fusedrl.ops.options import LossOptions
     from fusedrl.rollout.base import SamplingConfig
-
-SCALE_REWARDS = ("group", "batch", "none")
-OPTIMIZERS = ("adamw_torch", "adamw_8bit")
-LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
-DTYPES = ("bfloat16", "float16", "float32")
-VLLM_MODES = ("colocate", "server")
-
-
-def _one_of(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}.")
-
-
-OFFLOAD_ALIASES = ("offload", "unsloth")
-
-
-def normalize_checkpointing(value: Any) -> bool | str | None:
-    """The config value as True, False, "offload" or None; ValueError for anything else."""
-    if value is None or isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.lower() in OFFLOAD_ALIASES:
-        return "offload"
-    raise ValueError(f"gradient_checkpointing must be True, False, 'offload' (alias 'unsloth') or None (automatic), "
-                     f"got {value!r}")
-
 
 @dataclass
 class GRPOConfig:
@@ -219,41 +207,21 @@ class GRPOConfig:
             self.scale_rewards = "group" if self.scale_rewards else "none"
 
         check_field_types(self)
-        _one_of("scale_rewards", self.scale_rewards, SCALE_REWARDS)
-        _one_of("optim", self.optim, OPTIMIZERS)
-        _one_of("lr_scheduler_type", self.lr_scheduler_type, LR_SCHEDULERS)
-        _one_of("dtype", self.dtype, DTYPES)
-
-        self.gradient_checkpointing = normalize_checkpointing(self.gradient_checkpointing)
-        chunk = self.mlp_chunk_tokens
-        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0):
-            raise ValueError(f"mlp_chunk_tokens must be None (automatic), 0 (off) or a positive int, got {chunk!r}.")
-        self._check_positive_ints()
-        self._check_ranges()
-        self._check_vllm()
-        self._resolve_generation_batch()
+        one_of("scale_rewards", self.scale_rewards, SCALE_REWARDS)
+        one_of("optim", self.optim, OPTIMIZERS)
+        one_of("lr_scheduler_type", self.lr_scheduler_type, LR_SCHEDULERS)
+        one_of("dtype", self.dtype, DTYPES)
+        check_chunking(self)
+        check_counts(self)
+        check_ranges(self)
+        check_vllm(self)
+        resolve_generation_batch(self)
+        check_sampler_correction(self)
 
         if self.epsilon_high is None:
             self.epsilon_high = self.epsilon
         if self.reward_weights is not None:
             self.reward_weights = [float(w) for w in self.reward_weights]
-
-        clip_min, clip_max = self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max
-        if clip_min is not None and clip_max is not None and clip_min >= clip_max:
-            raise ValueError(
-                f"vllm_importance_sampling_clip_min ({clip_min}) must be less than "
-                f"vllm_importance_sampling_clip_max ({clip_max})."
-            )
-        if (
-            self.vllm_importance_sampling_correction
-            and self.vllm_importance_sampling_mode.endswith("_truncate")
-            and clip_min is None
-            and clip_max is None
-        ):
-            raise ValueError(
-                "At least one of vllm_importance_sampling_clip_min or vllm_importance_sampling_clip_max must be set "
-                f"when vllm_importance_sampling_mode is {self.vllm_importance_sampling_mode!r}."
-            )
         # The loss and sampling settings are validated by the objects the op and the engine receive.
         self.loss_options()
         self.sampling_config()
@@ -261,100 +229,6 @@ class GRPOConfig:
             warnings.warn(
                 "loss_type='luspo' is meant to be used with importance_sampling_level='sequence' (the paper's setup).",
                 stacklevel=3,
-            )
-
-    def _check_positive_ints(self) -> None:
-        for name in (
-            "per_device_train_batch_size",
-            "gradient_accumulation_steps",
-            "num_iterations",
-            "max_completion_length",
-            "logging_steps",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
-        for name in ("max_prompt_length", "num_completions_to_print", "save_total_limit"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}.")
-        if not isinstance(self.num_generations, int) or self.num_generations < 2:
-            raise ValueError(
-                "GRPO needs at least 2 generations per prompt to compute advantages: set num_generations >= 2, "
-                f"got {self.num_generations!r}."
-            )
-        if self.max_steps != -1 and self.max_steps < 1:
-            raise ValueError(f"max_steps must be -1 (use num_train_epochs) or >= 1, got {self.max_steps}.")
-        if self.max_steps == -1 and not self.num_train_epochs > 0:
-            raise ValueError(f"num_train_epochs must be > 0 when max_steps is -1, got {self.num_train_epochs}.")
-        if self.save_steps < 0:
-            raise ValueError(f"save_steps must be >= 0 (0 disables checkpoints), got {self.save_steps}.")
-        if isinstance(self.warmup_steps, bool) or not self.warmup_steps >= 0:
-            raise ValueError(f"warmup_steps must be >= 0 (a step count, or a fraction of the total below 1), got "
-                             f"{self.warmup_steps!r}.")
-
-    def _check_vllm(self) -> None:
-        _one_of("vllm_mode", self.vllm_mode, VLLM_MODES)
-        if self.use_vllm and self.vllm_mode == "server":
-            raise ValueError(
-                "vllm_mode='server' is not supported: fusedrl runs vLLM inside the training process so that it "
-                "shares the model's weights; use vllm_mode='colocate' with load_model(..., fast_inference=True)."
-            )
-        utilization = self.vllm_gpu_memory_utilization
-        if utilization is not None and not 0 < utilization <= 1:
-            raise ValueError(f"vllm_gpu_memory_utilization must be None or in (0, 1], got {utilization}.")
-        length = self.vllm_max_model_length
-        if length is not None and (not isinstance(length, int) or isinstance(length, bool) or length < 1):
-            raise ValueError(f"vllm_max_model_length must be None or an integer >= 1, got {length!r}.")
-
-    def _check_ranges(self) -> None:
-        if not self.learning_rate >= 0:
-            raise ValueError(f"learning_rate must be >= 0, got {self.learning_rate}.")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
-        if self.warmup_ratio:
-            if self.warmup_steps:
-                raise ValueError(f"warmup_ratio ({self.warmup_ratio}) and warmup_steps ({self.warmup_steps}) are both "
-                                 "set: use warmup_steps alone (a fraction below 1 is a ratio, as in transformers 5).")
-            warnings.warn("warmup_ratio is deprecated (transformers 5): use warmup_steps, where a value below 1 is a "
-                          f"fraction of the total steps; warmup_steps={self.warmup_ratio} is used.", FutureWarning,
-                          stacklevel=4)
-            self.warmup_steps, self.warmup_ratio = self.warmup_ratio, 0.0
-        if not self.max_grad_norm >= 0:
-            raise ValueError(f"max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm}.")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}.")
-        for name in ("adam_beta1", "adam_beta2"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}.")
-
-    def _resolve_generation_batch(self) -> None:
-        # Single process: TRL's global batch (per_device * num_processes) is per_device_train_batch_size here.
-        micro = self.per_device_train_batch_size
-        if self.generation_batch_size is not None and self.steps_per_generation is not None:
-            raise ValueError(
-                "generation_batch_size and steps_per_generation cannot both be set: set one of them and leave the "
-                "other None (it is derived)."
-            )
-        if self.generation_batch_size is None:
-            if self.steps_per_generation is None:
-                self.steps_per_generation = self.gradient_accumulation_steps
-            if self.steps_per_generation < 1:
-                raise ValueError(f"steps_per_generation must be >= 1, got {self.steps_per_generation}.")
-            self.generation_batch_size = micro * self.steps_per_generation
-        else:
-            if self.generation_batch_size < 1 or self.generation_batch_size % micro != 0:
-                raise ValueError(
-                    f"generation_batch_size ({self.generation_batch_size}) must be a positive multiple of "
-                    f"per_device_train_batch_size ({micro})."
-                )
-            self.steps_per_generation = self.generation_batch_size // micro
-        if self.generation_batch_size % self.num_generations != 0:
-            raise ValueError(
-                f"generation_batch_size ({self.generation_batch_size} = per_device_train_batch_size "
-                f"{micro} x steps_per_generation {self.steps_per_generation}) must be divisible by num_generations "
-                f"({self.num_generations}) so every rollout holds whole prompt groups: change num_generations, "
-                "per_device_train_batch_size, gradient_accumulation_steps or steps_per_generation."
             )
 
     # ------------------------------------------------------------------------------------------------------------
