@@ -4,7 +4,7 @@ Rows are padded up to a batch bucket (a power of two); the whole step — forwar
 the chosen token and its sampler log-probability, per-row EOS bookkeeping, advancing positions — reads and writes
 only the static buffers of `_DecodeState`, so on CUDA it is captured once per (batch bucket, attended length
 bucket, sampling settings) and replayed every token. With the fused attention kernels (`attention="fused"`, the
-default where they run) the attended range [start, slot] is read from device memory, so one graph per batch bucket
+default on CUDA) the attended range [start, slot] is read from device memory, so one graph per batch bucket
 serves every position; with SDPA the attended length is the cache prefix up to the current slot, rounded up to
 `LENGTH_BUCKET` (one graph per length bucket), so a step reads the keys/values it needs, not the whole cache.
 Prompts are prefilled one length at a time, each distinct prompt once (a GRPO group shares one prefill). Finished rows
@@ -77,7 +77,7 @@ class StaticDecodeLoop:
     eos_token_ids / pad_token_id: as the engine defines them. max_batch_size: rows decoded together (larger
     requests run in chunks). use_cuda_graphs: capture and replay the decode step (default: on CUDA devices).
     attention: "fused" (fusedrl's rotary/cache-write and split-KV decode kernels), "sdpa" (torch), or "auto":
-    fused where the kernels support the model, dtype and device, else SDPA (one log line says why).
+    fused on CUDA where the kernels support the model and dtype, else SDPA (one log line says why).
     `stats` holds the last call's timings (prefill_s, capture_s, decode_s, decode_steps, batch_bucket).
     """
 
@@ -144,6 +144,8 @@ class StaticDecodeLoop:
 
     def _choose_attention(self, dtype: torch.dtype, device: torch.device) -> None:
         reason = None if self.attention == "sdpa" else fused_attention_reason(self._decoder, device, dtype)
+        if reason is None and self.attention == "auto" and device.type != "cuda":
+            reason = "on the CPU the fused ops are plain references (SDPA is faster)"
         if reason is not None:
             (logger.warning if self.attention == "fused" else logger.info)(
                 "static decode: attention with SDPA, not the fused kernels: %s", reason)
