@@ -51,28 +51,32 @@ def test_group_matches_peft(dtype, bias):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_residual_is_added_in_place(dtype):
-    model, block = _peft_block(dtype, bias=False)
+@pytest.mark.parametrize("lora", [True, False])
+def test_residual_is_added_in_place(dtype, lora):
+    model, block = _peft_block(dtype, bias=False, targets=("o",) if lora else ("q",))
     group = ProjectionGroup([block.o], _linear)
     group.refresh()
+    assert (group.a_cat is not None) == lora
     x, residual = torch.randn(5, 24).to(dtype), torch.randn(5, 37).to(dtype)
     with torch.no_grad():
         expected = residual + block.o(x)
         out = group(x, residual=residual)[0]
-    assert out.data_ptr() == residual.data_ptr()
-    torch.testing.assert_close(out, expected, **TOLERANCE[dtype])
+        assert out.data_ptr() == residual.data_ptr()
+        torch.testing.assert_close(out, expected, **TOLERANCE[dtype])
+        strided = torch.randn(37, 5).to(dtype).t()  # not contiguous: a new tensor, same values
+        torch.testing.assert_close(group(x, residual=strided)[0], strided + block.o(x), **TOLERANCE[dtype])
 
 
 def test_refresh_copies_new_adapter_values_into_the_same_buffers():
     model, block = _peft_block(torch.float32, bias=False)
     group = ProjectionGroup([block.q, block.k, block.v], _linear)
     group.refresh()
-    buffers = (group.a_cat.data_ptr(), [b.data_ptr() for b in group.b_scaled])
+    buffers = (group.a_cat.data_ptr(), group.b_block.data_ptr())
     with torch.no_grad():
         block.k.lora_B["default"].weight.mul_(-2)
         block.q.lora_A["default"].weight.add_(0.5)
     assert group.refresh() is False  # same layout: in place, so captured graphs stay valid
-    assert (group.a_cat.data_ptr(), [b.data_ptr() for b in group.b_scaled]) == buffers
+    assert (group.a_cat.data_ptr(), group.b_block.data_ptr()) == buffers
     x = torch.randn(4, 37)
     with torch.no_grad():
         for got, module in zip(group(x), (block.q, block.k, block.v)):
@@ -83,7 +87,7 @@ def test_partial_targets_and_disabled_adapters():
     model, block = _peft_block(torch.float32, bias=True, targets=("q", "v"))
     group = ProjectionGroup([block.q, block.k, block.v], _linear)  # k is a plain nn.Linear here
     group.refresh()
-    assert group.fused and group.b_scaled[1] is None
+    assert group.fused and group.a_cat.shape[0] == 10 and not group.b_block[24:32].any()  # no block for k
     x = torch.randn(4, 37)
     with torch.no_grad():
         for got, module in zip(group(x), (block.q, block.k, block.v)):
