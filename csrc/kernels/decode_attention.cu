@@ -89,34 +89,61 @@ __global__ void rotary_cache_write_kernel(RotaryCacheWriteParams p) {
 }
 
 // ---- split-KV attention -----------------------------------------------------------------------------------------
-// Loads keys/values [t0, t0 + kTile) of one (row, kv head) into shared memory as float; keys past `end` are zero.
-template <typename T, int D, int STRIDE>
-__device__ void load_tile(const T* __restrict__ src, int64_t pos_stride, int64_t t0, int64_t end, float* dst) {
-  constexpr int kVec = 16 / sizeof(T);
-  constexpr int kVecsPerKey = D / kVec;
-  for (int v = threadIdx.x; v < kTile * kVecsPerKey; v += kThreads) {
-    const int t = v / kVecsPerKey, i = (v % kVecsPerKey) * kVec;
-    float* row = dst + t * STRIDE + i;
-    if (t0 + t < end) {
-      const uint4 raw = *reinterpret_cast<const uint4*>(src + (t0 + t) * pos_stride + i);
-      const T* values = reinterpret_cast<const T*>(&raw);
+// One tile of keys and values of one (row, kv head) in flight: `fetch` issues every 16-byte global load of the tile
+// at once into registers (keys past `end` read as zero), so the next tile's loads overlap this tile's arithmetic;
+// `store` converts them to float in shared memory (keys with row stride kKeyStride, values with row stride D).
+template <typename T, int D>
+struct TileLoader {
+  static constexpr int kVec = 16 / sizeof(T);
+  static constexpr int kVecsPerKey = D / kVec;
+  static constexpr int kLoads = kTile * kVecsPerKey / kThreads;
+  static_assert(kLoads * kThreads == kTile * kVecsPerKey, "a tile must split evenly over the block");
+  uint4 k[kLoads], v[kLoads];
+
+  __device__ void fetch(const T* keys, const T* values, int64_t pos_stride, int64_t t0, int64_t end) {
 #pragma unroll
-      for (int e = 0; e < kVec; ++e) row[e] = Conv<T>::load(values[e]);
-    } else {
-#pragma unroll
-      for (int e = 0; e < kVec; ++e) row[e] = 0.f;
+    for (int j = 0; j < kLoads; ++j) {
+      const int index = threadIdx.x + j * kThreads;
+      const int t = index / kVecsPerKey, i = (index % kVecsPerKey) * kVec;
+      if (t0 + t < end) {
+        k[j] = __ldg(reinterpret_cast<const uint4*>(keys + (t0 + t) * pos_stride + i));
+        v[j] = __ldg(reinterpret_cast<const uint4*>(values + (t0 + t) * pos_stride + i));
+      } else {
+        k[j] = make_uint4(0u, 0u, 0u, 0u);
+        v[j] = make_uint4(0u, 0u, 0u, 0u);
+      }
     }
   }
-}
+
+  template <int kKeyStride>
+  __device__ void store(float* k_s, float* v_s) const {
+#pragma unroll
+    for (int j = 0; j < kLoads; ++j) {
+      const int index = threadIdx.x + j * kThreads;
+      const int t = index / kVecsPerKey, i = (index % kVecsPerKey) * kVec;
+      const T* kv = reinterpret_cast<const T*>(&k[j]);
+      const T* vv = reinterpret_cast<const T*>(&v[j]);
+#pragma unroll
+      for (int e = 0; e < kVec; e += 4) {
+        *reinterpret_cast<float4*>(k_s + t * kKeyStride + i + e) =
+            make_float4(Conv<T>::load(kv[e]), Conv<T>::load(kv[e + 1]), Conv<T>::load(kv[e + 2]),
+                        Conv<T>::load(kv[e + 3]));
+        *reinterpret_cast<float4*>(v_s + t * D + i + e) =
+            make_float4(Conv<T>::load(vv[e]), Conv<T>::load(vv[e + 1]), Conv<T>::load(vv[e + 2]),
+                        Conv<T>::load(vv[e + 3]));
+      }
+    }
+  }
+};
 
 template <typename T, int D, int G>
 __global__ void __launch_bounds__(kThreads) decode_attention_split_kernel(DecodeAttentionParams p) {
   constexpr int kHeadsPerWarp = (G + kWarps - 1) / kWarps;  // score phase: warp w owns heads w + kWarps * j
   constexpr int kSlices = kThreads / D;                      // value phase: thread owns column d of heads s + kSlices*j
   constexpr int kHeadsPerThread = (G + kSlices - 1) / kSlices;
-  constexpr int kKeyStride = D + 1;
-  __shared__ float q_s[G][D];
-  __shared__ float k_s[kTile * kKeyStride];
+  constexpr int kKeyStride = D + 4;  // float4 reads of 8 lanes' keys hit 32 distinct banks
+  __shared__ __align__(16) float q_s[G][D];
+  __shared__ __align__(16) float k_s[kTile * kKeyStride];
   __shared__ __align__(16) float v_s[kTile * D];
   __shared__ __align__(16) float p_s[G][kTile];
   __shared__ float corr_s[G], max_s[G], sum_s[G];
@@ -151,22 +178,31 @@ __global__ void __launch_bounds__(kThreads) decode_attention_split_kernel(Decode
   const int64_t base = static_cast<int64_t>(b) * p.cache_row + kvh * p.cache_head;
   const T* keys = static_cast<const T*>(p.cache_k) + base;
   const T* values = static_cast<const T*>(p.cache_v) + base;
+  TileLoader<T, D> loader;
+  if (lo < hi) loader.fetch(keys, values, p.cache_pos, lo, hi);
   for (int64_t t0 = lo; t0 < hi; t0 += kTile) {
     __syncthreads();  // the previous tile's shared memory is consumed (and q_s is written, first time)
-    load_tile<T, D, kKeyStride>(keys, p.cache_pos, t0, hi, k_s);
-    load_tile<T, D, D>(values, p.cache_pos, t0, hi, v_s);
+    loader.template store<kKeyStride>(k_s, v_s);
     __syncthreads();
-    float score[kHeadsPerWarp];
+    if (t0 + kTile < hi) loader.fetch(keys, values, p.cache_pos, t0 + kTile, hi);  // in flight during this tile
+    // Scores: four partial sums per head break the dependency chain of the dot product.
+    float score[kHeadsPerWarp][4];
 #pragma unroll
-    for (int j = 0; j < kHeadsPerWarp; ++j) score[j] = 0.f;
+    for (int j = 0; j < kHeadsPerWarp; ++j) score[j][0] = score[j][1] = score[j][2] = score[j][3] = 0.f;
     const float* key = k_s + lane * kKeyStride;
-#pragma unroll 8
-    for (int i = 0; i < D; ++i) {
-      const float k = key[i];
+#pragma unroll 4
+    for (int i = 0; i < D; i += 4) {
+      const float4 k = *reinterpret_cast<const float4*>(key + i);
 #pragma unroll
       for (int j = 0; j < kHeadsPerWarp; ++j) {
         const int h = warp + kWarps * j;
-        if (h < G) score[j] = fmaf(q_s[h][i], k, score[j]);
+        if (h < G) {
+          const float4 qv = *reinterpret_cast<const float4*>(&q_s[h][i]);
+          score[j][0] = fmaf(qv.x, k.x, score[j][0]);
+          score[j][1] = fmaf(qv.y, k.y, score[j][1]);
+          score[j][2] = fmaf(qv.z, k.z, score[j][2]);
+          score[j][3] = fmaf(qv.w, k.w, score[j][3]);
+        }
       }
     }
     const bool live = t0 + lane < hi;
@@ -174,7 +210,7 @@ __global__ void __launch_bounds__(kThreads) decode_attention_split_kernel(Decode
     for (int j = 0; j < kHeadsPerWarp; ++j) {
       const int h = warp + kWarps * j;
       if (h >= G) continue;  // warp-uniform
-      const float s = live ? score[j] : -INFINITY;
+      const float s = live ? (score[j][0] + score[j][1]) + (score[j][2] + score[j][3]) : -INFINITY;
       float tile_max = s;
       for (int offset = 16; offset > 0; offset /= 2) tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, offset));
       const float new_max = fmaxf(running_max[j], tile_max);  // finite: the tile has at least one live key

@@ -176,7 +176,7 @@ def test_greedy_matches_generate_on_smollm2():
 @pytest.mark.cuda
 @pytest.mark.parametrize("attention", ["fused", "sdpa"])
 def test_cuda_graph_greedy_matches_generate_float32(attention):
-    model = _model("llama", seed=11, device="cuda", vocab_size=1031, hidden_size=256, intermediate_size=512,
+    model = _model("llama", seed=11, device="cuda", vocab_size=1031, hidden_size=512, intermediate_size=512,
                    num_attention_heads=8, num_key_value_heads=2, num_hidden_layers=3)
     tokenizer = SimpleNamespace(eos_token_id=1030, pad_token_id=0)
     fast = BuiltinEngine(model, tokenizer)  # CUDA: the static loop with graphs by default
