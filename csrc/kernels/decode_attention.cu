@@ -308,6 +308,39 @@ __global__ void decode_attention_combine_kernel(DecodeAttentionParams p) {
   static_cast<T*>(p.out)[head * D + column] = Conv<T>::store(total > 0.f ? acc / total : 0.f);
 }
 
+// ---- RMSNorm ------------------------------------------------------------------------------------------------------
+// Block per row; the row is read twice (the second time from cache): sum of squares, then the normalised output.
+constexpr int kNormThreads = 256;
+
+template <typename T>
+__global__ void __launch_bounds__(kNormThreads) rms_norm_kernel(RmsNormParams p) {
+  const T* x = static_cast<const T*>(p.x) + blockIdx.x * p.x_row;
+  const T* weight = static_cast<const T*>(p.weight);
+  T* out = static_cast<T*>(p.out) + blockIdx.x * p.cols;
+  float sum_sq = 0.f;
+  for (int64_t i = threadIdx.x; i < p.cols; i += kNormThreads) {
+    const float v = Conv<T>::load(x[i]);
+    sum_sq = fmaf(v, v, sum_sq);
+  }
+  __shared__ float partial[kNormThreads / 32];
+  for (int offset = 16; offset > 0; offset /= 2) sum_sq += __shfl_xor_sync(0xffffffffu, sum_sq, offset);
+  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = sum_sq;
+  __syncthreads();
+  sum_sq = 0.f;
+#pragma unroll
+  for (int w = 0; w < kNormThreads / 32; ++w) sum_sq += partial[w];
+  const float inv = rsqrtf(sum_sq / static_cast<float>(p.cols) + static_cast<float>(p.eps));
+  for (int64_t i = threadIdx.x; i < p.cols; i += kNormThreads) {
+    out[i] = Conv<T>::store(__fmul_rn(Conv<T>::load(weight[i]), round_to<T>(__fmul_rn(Conv<T>::load(x[i]), inv))));
+  }
+}
+
+template <typename T>
+cudaError_t launch_rms_norm(const RmsNormParams& p, cudaStream_t stream) {
+  rms_norm_kernel<T><<<static_cast<unsigned>(p.rows), kNormThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
 template <typename T, int D, int G>
 cudaError_t launch_attention(const DecodeAttentionParams& p, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(p.splits), static_cast<unsigned>(p.kv_heads), static_cast<unsigned>(p.batch));
@@ -353,6 +386,16 @@ cudaError_t rotary_cache_write_cuda(const RotaryCacheWriteParams& p, cudaStream_
     case AttnDtype::kFloat32: return launch_rotary<float>(p, stream);
     case AttnDtype::kFloat16: return launch_rotary<__half>(p, stream);
     case AttnDtype::kBFloat16: return launch_rotary<__nv_bfloat16>(p, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+cudaError_t rms_norm_cuda(const RmsNormParams& p, cudaStream_t stream) {
+  if (p.rows == 0) return cudaSuccess;
+  switch (p.dtype) {
+    case AttnDtype::kFloat32: return launch_rms_norm<float>(p, stream);
+    case AttnDtype::kFloat16: return launch_rms_norm<__half>(p, stream);
+    case AttnDtype::kBFloat16: return launch_rms_norm<__nv_bfloat16>(p, stream);
     default: return cudaErrorInvalidValue;
   }
 }

@@ -15,6 +15,9 @@
 //   CUDA: split-KV ("flash-decoding"): grid (splits, Hkv, B); each block serves all `group` query heads of one kv
 //   head, so every key and value is read once, over its share of [start[b], slot]; a second kernel combines the
 //   splits' (max, sum, unnormalised output) per head. float32 accumulation; the CPU reference accumulates in double.
+//
+// rms_norm — transformers' LlamaRMSNorm, roundings included: out = round(w * round(x / sqrt(mean(x^2) + eps)))
+//   per row of x (M, N), in float32 (double for float64). CUDA: one block per row (M is the decode batch).
 #pragma once
 
 #include <cstdint>
@@ -63,9 +66,20 @@ struct DecodeAttentionParams {
   float* workspace = nullptr;
 };
 
+struct RmsNormParams {
+  const void* x = nullptr;  // (M, N), row stride x_row, contiguous rows
+  int64_t x_row = 0;
+  const void* weight = nullptr;  // (N)
+  void* out = nullptr;  // (M, N) contiguous
+  int64_t rows = 0, cols = 0;
+  double eps = 1e-6;
+  AttnDtype dtype = AttnDtype::kFloat32;
+};
+
 // CPU references, on the calling thread.
 void rotary_cache_write_cpu(const RotaryCacheWriteParams& p);
 void decode_attention_cpu(const DecodeAttentionParams& p);
+void rms_norm_cpu(const RmsNormParams& p, int64_t row_begin, int64_t row_end);
 
 // float32 elements of decode_attention's CUDA workspace: per (row, head, split) the output (D), max and sum.
 inline int64_t decode_attention_workspace(int64_t batch, int64_t heads, int64_t head_dim, int64_t splits) {
@@ -77,6 +91,7 @@ inline int64_t decode_attention_workspace(int64_t batch, int64_t heads, int64_t 
 bool decode_attention_cuda_supported(int64_t head_dim, int64_t group);
 cudaError_t rotary_cache_write_cuda(const RotaryCacheWriteParams& p, cudaStream_t stream);
 cudaError_t decode_attention_cuda(const DecodeAttentionParams& p, cudaStream_t stream);
+cudaError_t rms_norm_cuda(const RmsNormParams& p, cudaStream_t stream);
 #endif
 
 }  // namespace fusedrl

@@ -116,7 +116,32 @@ void decode_attention(const DecodeAttentionParams& p) {
   }
 }
 
+template <typename S>
+void rms_norm(const RmsNormParams& p, int64_t row_begin, int64_t row_end) {
+  using Acc = typename Cpu<S>::Acc;
+  const S* weight = static_cast<const S*>(p.weight);
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const S* x = static_cast<const S*>(p.x) + r * p.x_row;
+    S* out = static_cast<S*>(p.out) + r * p.cols;
+    Acc sum_sq = 0;
+    for (int64_t i = 0; i < p.cols; ++i) sum_sq += Cpu<S>::load(x[i]) * Cpu<S>::load(x[i]);
+    const Acc inv = Acc(1) / std::sqrt(sum_sq / Acc(p.cols) + Acc(p.eps));
+    for (int64_t i = 0; i < p.cols; ++i) {
+      out[i] = Cpu<S>::store(Cpu<S>::load(weight[i]) * round_to<S>(Cpu<S>::load(x[i]) * inv));
+    }
+  }
+}
+
 }  // namespace
+
+void rms_norm_cpu(const RmsNormParams& p, int64_t row_begin, int64_t row_end) {
+  switch (p.dtype) {
+    case AttnDtype::kFloat32: return rms_norm<float>(p, row_begin, row_end);
+    case AttnDtype::kFloat64: return rms_norm<double>(p, row_begin, row_end);
+    case AttnDtype::kFloat16: return rms_norm<Fp16>(p, row_begin, row_end);
+    case AttnDtype::kBFloat16: return rms_norm<Bf16>(p, row_begin, row_end);
+  }
+}
 
 void rotary_cache_write_cpu(const RotaryCacheWriteParams& p) {
   switch (p.dtype) {

@@ -118,6 +118,10 @@ TORCH_LIBRARY(fusedrl, m) {
   m.def(
       "decode_attention(Tensor q, Tensor cache_k, Tensor cache_v, Tensor start, Tensor slot, float scale, "
       "int splits) -> Tensor");
+
+  // transformers' LlamaRMSNorm of x (M, N) (contiguous rows) with weight (N,): w * round(x / rms(x)), one rounding
+  // per step as transformers rounds -> (M, N).
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
 }
 
 }  // namespace fusedrl

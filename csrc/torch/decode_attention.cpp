@@ -18,10 +18,12 @@ AttnDtype attn_dtype(const char* op, const at::Tensor& q) {
   }
 }
 
-void check_like(const char* op, const char* arg, const at::Tensor& t, const at::Tensor& q) {
-  TORCH_CHECK(t.device() == q.device(), op, ": ", arg, " is on ", t.device(), " but q is on ", q.device());
-  TORCH_CHECK(t.scalar_type() == q.scalar_type(), op, ": ", arg, " must have q's dtype ", q.scalar_type(), ", got ",
-              t.scalar_type());
+void check_like(const char* op, const char* arg, const at::Tensor& t, const at::Tensor& ref,
+                const char* ref_name = "q") {
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", arg, " is on ", t.device(), " but ", ref_name, " is on ",
+              ref.device());
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", arg, " must have ", ref_name, "'s dtype ",
+              ref.scalar_type(), ", got ", t.scalar_type());
 }
 
 // (B, heads, D) with contiguous heads and head dimension; any row stride.
@@ -176,12 +178,42 @@ at::Tensor decode_attention_with(AttentionBackend& backend, const at::Tensor& q,
   return out;
 }
 
+at::Tensor rms_norm_with(AttentionBackend& backend, const at::Tensor& x, const at::Tensor& weight, double eps) {
+  const char* op = "rms_norm";
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble || x.scalar_type() == at::kHalf ||
+                  x.scalar_type() == at::kBFloat16,
+              op, ": x must be float32, float64, float16 or bfloat16, got ", x.scalar_type());
+  const AttnDtype dtype = attn_dtype(op, x);
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, op, ": x must have shape (M, N) with contiguous rows, got shape ",
+              x.sizes(), " strides ", x.strides());
+  check_like(op, "weight", weight, x, "x");
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(1) && weight.is_contiguous(), op,
+              ": weight must be a contiguous (N,) = (", x.size(1), ",) tensor, got ", weight.sizes());
+  TORCH_CHECK(x.size(1) > 0, op, ": x must have at least one column");
+  TORCH_CHECK(std::isfinite(eps) && eps >= 0, op, ": eps must be finite and >= 0, got ", eps);
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  RmsNormParams p;
+  p.x = x.data_ptr();
+  p.x_row = x.stride(0);
+  p.weight = weight.data_ptr();
+  p.out = out.data_ptr();
+  p.rows = x.size(0);
+  p.cols = x.size(1);
+  p.eps = eps;
+  p.dtype = dtype;
+  backend.rms_norm(p);
+  return out;
+}
+
 namespace {
 
 class CpuAttentionBackend final : public AttentionBackend {
  public:
   explicit CpuAttentionBackend(const at::Device&) {}
   void rotary_cache_write(const RotaryCacheWriteParams& p) override { rotary_cache_write_cpu(p); }
+  void rms_norm(const RmsNormParams& p) override {
+    at::parallel_for(0, p.rows, 16, [&](int64_t r0, int64_t r1) { rms_norm_cpu(p, r0, r1); });
+  }
   int64_t splits(const DecodeAttentionParams&) override { return 1; }
   // Rows in parallel: each writes only its own output rows.
   void decode_attention(const DecodeAttentionParams& p) override {

@@ -19,6 +19,7 @@ class AttentionBackend {
   // Splits of the key range for `p` (fixed by the shapes only, so a captured graph stays valid); 1 on the CPU.
   virtual int64_t splits(const DecodeAttentionParams& p) = 0;
   virtual void decode_attention(const DecodeAttentionParams& p) = 0;
+  virtual void rms_norm(const RmsNormParams& p) = 0;
 };
 
 at::Tensor rotary_cache_write_with(AttentionBackend& backend, const at::Tensor& q, const at::Tensor& k,
@@ -30,7 +31,9 @@ at::Tensor decode_attention_with(AttentionBackend& backend, const at::Tensor& q,
                                  const at::Tensor& cache_v, const at::Tensor& start, const at::Tensor& slot,
                                  double scale, int64_t splits);
 
-// Registers both ops for dispatch key of `m` with backend type B (constructed from the op's device).
+at::Tensor rms_norm_with(AttentionBackend& backend, const at::Tensor& x, const at::Tensor& weight, double eps);
+
+// Registers the decode-step ops for dispatch key of `m` with backend type B (constructed from the op's device).
 template <typename B>
 void register_decode_attention_ops(torch::Library& m) {
   m.impl("rotary_cache_write",
@@ -44,6 +47,10 @@ void register_decode_attention_ops(torch::Library& m) {
                                 const at::Tensor& start, const at::Tensor& slot, double scale, int64_t splits) {
     B backend(q.device());
     return decode_attention_with(backend, q, cache_k, cache_v, start, slot, scale, splits);
+  });
+  m.impl("rms_norm", [](const at::Tensor& x, const at::Tensor& weight, double eps) {
+    B backend(x.device());
+    return rms_norm_with(backend, x, weight, eps);
   });
 }
 

@@ -23,6 +23,10 @@ class CudaAttentionBackend final : public AttentionBackend {
     TORCH_CHECK(p.dtype != AttnDtype::kFloat64, "rotary_cache_write: float64 runs on the CPU only");
     check_launch("rotary_cache_write", rotary_cache_write_cuda(p, at::cuda::getCurrentCUDAStream()));
   }
+  void rms_norm(const RmsNormParams& p) override {
+    TORCH_CHECK(p.dtype != AttnDtype::kFloat64, "rms_norm: float64 runs on the CPU only");
+    check_launch("rms_norm", rms_norm_cuda(p, at::cuda::getCurrentCUDAStream()));
+  }
   // Enough blocks for two waves over the SMs when rows x kv heads alone are fewer, at least 64 keys per split.
   int64_t splits(const DecodeAttentionParams& p) override {
     const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;

@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
-from fusedrl.ops.decode_attention import decode_attention, decode_attention_supported, rotary_cache_write
+from fusedrl.ops.decode_attention import decode_attention, decode_attention_supported, rms_norm, rotary_cache_write
 from fusedrl.ops.reference import decode_attention_reference as attention_reference
-from fusedrl.ops.reference import rope_reference
+from fusedrl.ops.reference import rms_norm_reference, rope_reference
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 TOLERANCE = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=2e-5, rtol=2e-5),
@@ -173,6 +173,34 @@ def test_opcheck_both_ops(device, generator):
     start = torch.tensor([0, 3], dtype=torch.int32, device=device)
     torch.library.opcheck(torch.ops.fusedrl.decode_attention.default,
                           (q.contiguous(), cache_k, cache_v, start, slot, 0.125, 2))
+    torch.library.opcheck(torch.ops.fusedrl.rms_norm.default, (q.reshape(2, -1), norm.repeat(4), 1e-6))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(1, 4096), (5, 37), (3, 2, 640)])
+def test_rms_norm_matches_float64_reference_and_transformers(device, shape, generator):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    for dtype in _dtypes(device):
+        x = (torch.randn(*shape, generator=generator, dtype=torch.float64) * 3).to(device, dtype)
+        weight = torch.rand(shape[-1], generator=generator, dtype=torch.float64).add(0.5).to(device, dtype)
+        _poisoned_alloc(x.shape, dtype, device)
+        out = rms_norm(x, weight, 1e-5)
+        assert out.shape == x.shape and out.dtype == dtype and torch.isfinite(out).all()
+        tolerance = TOLERANCE[dtype] if dtype != torch.bfloat16 else dict(atol=4e-2, rtol=2e-2)  # two roundings
+        torch.testing.assert_close(out.double().cpu(), rms_norm_reference(x, weight, 1e-5), **tolerance)
+        if dtype != torch.float64:  # transformers' module rounds where the kernel rounds (sums in another order)
+            module = LlamaRMSNorm(shape[-1], eps=1e-5).to(device, dtype)
+            module.weight.data.copy_(weight)
+            with torch.no_grad():
+                expected = module(x)
+            if dtype in (torch.float16, torch.bfloat16):  # identical bits but for sums rounding differently
+                assert (out == expected).float().mean() >= 0.99, dtype
+            torch.testing.assert_close(out, expected, **tolerance)
+    strided = torch.randn(6, 2 * shape[-1], generator=generator).to(device)[:, : shape[-1]]  # rows with a stride
+    weight = torch.ones(shape[-1], device=device)
+    torch.testing.assert_close(rms_norm(strided, weight, 1e-6).double().cpu(),
+                               rms_norm_reference(strided, weight, 1e-6), **TOLERANCE[torch.float32])
 
 
 def test_supported_shapes():
@@ -246,3 +274,17 @@ def test_rotary_cache_write_bad_arguments(device):
         with pytest.raises(RuntimeError, match="float64 runs on the CPU only"):
             rotary_cache_write(q.double(), k.double(), k.double(), cos.double(), cos.double(), cache.double(),
                                cache.double(), slot)
+
+
+@pytest.mark.errors
+@pytest.mark.parametrize("device", DEVICES)
+def test_rms_norm_bad_arguments(device):
+    x, weight = torch.zeros(3, 8, device=device), torch.ones(8, device=device)
+    with pytest.raises(RuntimeError, match="x must have shape"):
+        torch.ops.fusedrl.rms_norm(x.t(), weight, 1e-6)
+    with pytest.raises(RuntimeError, match=r"weight must be a contiguous \(N,\)"):
+        torch.ops.fusedrl.rms_norm(x, weight[:7], 1e-6)
+    with pytest.raises(RuntimeError, match="weight must have x's dtype"):
+        torch.ops.fusedrl.rms_norm(x, weight.double(), 1e-6)
+    with pytest.raises(RuntimeError, match="eps must be finite"):
+        torch.ops.fusedrl.rms_norm(x, weight, -1.0)

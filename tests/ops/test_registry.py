@@ -36,7 +36,8 @@ NF4_OPS = {op: ("python/fusedrl/ops/nf4.py", ref, "tests/ops/test_nf4.py", "benc
 DECODE_OPS = {op: ("python/fusedrl/ops/decode_attention.py", ref, "tests/ops/test_decode_attention.py",
                    "bench/bench_rollout.py")
               for op, ref in (("rotary_cache_write", "rope_reference"),
-                              ("decode_attention", "decode_attention_reference"))}
+                              ("decode_attention", "decode_attention_reference"),
+                              ("rms_norm", "rms_norm_reference"))}
 
 
 # The activation-offload copies: side-effecting ops on an opaque arena object, used eagerly by fusedrl.nn.offload

@@ -32,3 +32,9 @@ def decode_attention_reference(q: torch.Tensor, cache_k: torch.Tensor, cache_v: 
         scores = torch.einsum("hd,htd->ht", q[b].double().cpu(), keys) * scale
         out[b] = torch.einsum("ht,htd->hd", scores.softmax(dim=-1), values)
     return out
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """float64 weight * x / sqrt(mean(x^2) + eps) over the last dimension."""
+    x = x.double().cpu()
+    return weight.double().cpu() * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)

@@ -169,6 +169,16 @@ class LlamaFamilyDecoder:
     def refresh(self) -> bool:
         return any([groups.refresh() for groups in self.groups])
 
+    def _norm(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The model's RMSNorm: fusedrl's one-kernel rms_norm op on CUDA with the fused kernels (transformers'
+        roundings), else `_norm`."""
+        if (self.fused_attention and x.is_cuda and type(module).__name__ in _PLAIN_RMS_NORMS
+                and module.weight.dtype == x.dtype):
+            from fusedrl.ops.decode_attention import rms_norm
+
+            return rms_norm(x, module.weight, module.variance_epsilon)
+        return _norm(module, x)
+
     def new_cache(self, batch: int, length: int, dtype: torch.dtype, device: torch.device) -> StaticKVCache:
         return StaticKVCache(len(self.layers), batch, length, self.num_kv_heads, self.head_dim, dtype, device)
 
@@ -184,7 +194,7 @@ class LlamaFamilyDecoder:
         """q (B, T, H, d), k and v (B, T, Hkv, d) before rotary, from the layer input hidden (B, T, hidden)."""
         layer = self.layers[index]
         batch, length = hidden.shape[:2]
-        q, k, v = self.groups[index].qkv(_norm(layer.input_layernorm, hidden))
+        q, k, v = self.groups[index].qkv(self._norm(layer.input_layernorm, hidden))
         return (q.view(batch, length, -1, self.head_dim), k.view(batch, length, -1, self.head_dim),
                 v.view(batch, length, -1, self.head_dim))
 
@@ -201,7 +211,7 @@ class LlamaFamilyDecoder:
         """o_proj of the attention output (B, T, H*d) plus the residual, then the MLP block plus its residual."""
         layer, groups = self.layers[index], self.groups[index]
         hidden = groups.o(attended, residual=residual)[0]
-        normed = _norm(layer.post_attention_layernorm, hidden)
+        normed = self._norm(layer.post_attention_layernorm, hidden)
         if groups.gated:
             gate, up = groups.gate_up(normed)
             return groups.down(layer.mlp.act_fn(gate) * up, residual=hidden)[0]
@@ -236,7 +246,7 @@ class LlamaFamilyDecoder:
                 v = v.repeat_interleave(self.group, dim=1)
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling)
             hidden = self._finish_layer(index, hidden, out.transpose(1, 2).reshape(count, length, -1))
-        return _norm(self.final_norm, hidden[:, -1])
+        return self._norm(self.final_norm, hidden[:, -1])
 
     def decode(
         self, tokens: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor, cache: StaticKVCache, kv_len: int
@@ -263,7 +273,7 @@ class LlamaFamilyDecoder:
                 grouped_q, keys[:, :, :kv_len], values[:, :, :kv_len], attn_mask=mask, scale=self.scaling
             )
             hidden = self._finish_layer(index, hidden, out.reshape(batch, 1, -1))
-        return _norm(self.final_norm, hidden[:, -1])
+        return self._norm(self.final_norm, hidden[:, -1])
 
     def _decode_fused(self, tokens, positions, slot, cache: StaticKVCache) -> torch.Tensor:
         from fusedrl.ops.decode_attention import decode_attention, rotary_cache_write
@@ -282,4 +292,4 @@ class LlamaFamilyDecoder:
                                    q_norm=q_norm, k_norm=k_norm, eps=eps)
             out = decode_attention(q, keys, values, cache.start, slot, self.scaling)
             hidden = self._finish_layer(index, hidden, out.view(batch, 1, -1))
-        return _norm(self.final_norm, hidden[:, -1])
+        return self._norm(self.final_norm, hidden[:, -1])
