@@ -81,6 +81,9 @@ def test_refresh_copies_new_adapter_values_into_the_same_buffers():
     with torch.no_grad():
         for got, module in zip(group(x), (block.q, block.k, block.v)):
             torch.testing.assert_close(got, module(x), **TOLERANCE[torch.float32])
+    group.release()  # the engine's sleep: copies freed, the next refresh re-allocates (graphs must be re-captured)
+    assert group.a_cat is None and not group.fused
+    assert group.refresh() is True and group.fused
 
 
 def test_partial_targets_and_disabled_adapters():

@@ -114,9 +114,11 @@ class _LayerGroups:
         self.gate_up = ProjectionGroup([mlp.gate_proj, mlp.up_proj], _linear) if self.gated else None
         self.down = ProjectionGroup([mlp.down_proj], _linear) if self.gated else None
 
+    def all(self) -> list[ProjectionGroup]:
+        return [g for g in (self.qkv, self.o, self.gate_up, self.down) if g is not None]
+
     def refresh(self) -> bool:
-        groups = [g for g in (self.qkv, self.o, self.gate_up, self.down) if g is not None]
-        return any([g.refresh() for g in groups])  # a list: every group refreshes
+        return any([g.refresh() for g in self.all()])  # a list: every group refreshes
 
 
 def fused_attention_reason(decoder: "LlamaFamilyDecoder", device: torch.device, dtype: torch.dtype) -> str | None:
@@ -168,6 +170,12 @@ class LlamaFamilyDecoder:
 
     def refresh(self) -> bool:
         return any([groups.refresh() for groups in self.groups])
+
+    def release(self) -> None:
+        """Frees the projection groups' adapter copies (`refresh` re-allocates them)."""
+        for groups in self.groups:
+            for group in groups.all():
+                group.release()
 
     def _norm(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         """The model's RMSNorm: fusedrl's one-kernel rms_norm op on CUDA with the fused kernels (transformers'

@@ -108,6 +108,10 @@ class ProjectionGroup:
         self.columns, self.fused, self._layout = columns, True, layout
         return reallocate
 
+    def release(self) -> None:
+        """Frees the adapter copies (the engine's sleep); the next `refresh()` re-allocates them."""
+        self.fused, self.a_cat, self.b_block, self.bias_cat, self._layout = False, None, None, None, None
+
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> list[torch.Tensor]:
         """[module(x)] for x (..., in), possibly column views of one buffer. With a residual (..., out) (groups of
         one module): [residual + module(x)], computed in place in `residual` when it is contiguous."""

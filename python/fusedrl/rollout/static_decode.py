@@ -118,7 +118,13 @@ class StaticDecodeLoop:
         return next(self.model.parameters())
 
     def release(self) -> None:
-        """Drops the graphs, the decode buffers and the KV cache (the sizes are remembered for `prepare`)."""
+        """Drops the graphs, the decode buffers, the adapter copies and the KV cache (the sizes are remembered for
+        `prepare`)."""
+        self._drop_cache()
+        if self._decoder is not None:
+            self._decoder.release()
+
+    def _drop_cache(self) -> None:
         self._graphs.clear()
         self._states.clear()
         self._cache = None
@@ -137,7 +143,7 @@ class StaticDecodeLoop:
         if self._cache is None or not self._cache.fits(batch, length, param.dtype, param.device):
             if self._cache is not None:
                 batch, length = max(batch, self._cache.batch), max(length, self._cache.length)
-            self.release()
+            self._drop_cache()
             self._cache = self._decoder.new_cache(batch, length, param.dtype, param.device)
             self._cache_shape = (batch, length)
         return self._cache
