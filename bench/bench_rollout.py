@@ -9,7 +9,11 @@ against weights + KV cache. Then a GRPO generation round (`--round-prompts` x `-
 both engines; the transformers round is extrapolated from `--hf-tokens` steps unless --full-round.
 
     python bench/bench_rollout.py [--shapes llama3.1-8b,qwen3-4b] [--batches 1,8,64,256] [--json F]
-                                  [--time-budget S] [--cpu-smoke]
+                                  [--attention fused,sdpa] [--time-budget S] [--cpu-smoke]
+
+--attention lists the static loop's attention modes to run (each a row per batch; the first is the one the GRPO round
+uses). The GRPO round is `--round-prompts` distinct prompts, each repeated `--round-group` times, as a GRPO
+generation call lays them out.
 """
 
 from __future__ import annotations
@@ -143,6 +147,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=512)
     parser.add_argument("--hf-tokens", type=int, default=16, help="decode steps timed for transformers generate")
+    parser.add_argument("--attention", default="fused,sdpa", help="static-loop attention modes, first used in the round")
     parser.add_argument("--round-prompts", type=int, default=64)
     parser.add_argument("--round-group", type=int, default=8)
     parser.add_argument("--full-round", action="store_true", help="run the transformers round end to end")
@@ -174,7 +179,8 @@ def main() -> None:
         vocab = config.vocab_size
         tokenizer = SimpleNamespace(eos_token_id=vocab - 1, pad_token_id=0)  # random weights: EOS is rare
         hf_engine = BuiltinEngine(model, tokenizer, static_decode=False)
-        loop = StaticDecodeLoop(model, [vocab - 1], 0)
+        modes = args.attention.split(",")
+        loops = {mode: StaticDecodeLoop(model, [vocab - 1], 0, attention=mode) for mode in modes}
         wbytes, kv_token = weight_bytes(model), kv_bytes_per_token(config, dtype)
         generator = torch.Generator().manual_seed(1)
         for batch in [int(b) for b in args.batches.split(",")]:
@@ -182,27 +188,33 @@ def main() -> None:
                 rows.append(dict(shape=shape, batch=batch, status="skipped: time budget"))
                 continue
             prompts = torch.randint(1, vocab - 1, (batch, args.prompt_len), generator=generator).tolist()
-            row = dict(shape=shape, batch=batch, status="ok")
-            try:
-                ours = run_ours(loop, prompts, args.new_tokens, device)
-                hf_prefill, hf_step = time_hf(hf_engine, prompts, args.hf_tokens, device)
-            except torch.cuda.OutOfMemoryError as err:
-                loop.release()
-                row["status"] = f"OOM: {str(err)[:80]}"
+            hf = None
+            for mode, loop in loops.items():
+                row = dict(shape=shape, batch=batch, attention=mode, status="ok")
+                try:
+                    ours = run_ours(loop, prompts, args.new_tokens, device)
+                    if hf is None:
+                        hf = time_hf(hf_engine, prompts, args.hf_tokens, device)
+                except torch.cuda.OutOfMemoryError as err:
+                    loop.release()
+                    row["status"] = f"OOM: {str(err)[:80]}"
+                    rows.append(row)
+                    continue
+                hf_prefill, hf_step = hf
+                mean_context = args.prompt_len + args.new_tokens / 2
+                floor_ms = 1e3 * (wbytes + batch * mean_context * kv_token) / bandwidth
+                row.update(ours, hf_step_ms=hf_step, hf_prefill_s=hf_prefill, floor_ms=floor_ms,
+                           floor_x=ours["step_ms"] / floor_ms, speedup_vs_hf=hf_step / ours["step_ms"],
+                           tokens_per_s=1e3 * batch / ours["step_ms"], hf_tokens_per_s=1e3 * batch / hf_step,
+                           mem_x=ours["peak_gib"] / (ours["weights_gib"] + ours["cache_gib"]) if ours["cache_gib"]
+                           else None)
                 rows.append(row)
-                continue
-            mean_context = args.prompt_len + args.new_tokens / 2
-            floor_ms = 1e3 * (wbytes + batch * mean_context * kv_token) / bandwidth
-            row.update(ours, hf_step_ms=hf_step, hf_prefill_s=hf_prefill, floor_ms=floor_ms,
-                       floor_x=ours["step_ms"] / floor_ms, speedup_vs_hf=hf_step / ours["step_ms"],
-                       tokens_per_s=1e3 * batch / ours["step_ms"], hf_tokens_per_s=1e3 * batch / hf_step,
-                       mem_x=ours["peak_gib"] / (ours["weights_gib"] + ours["cache_gib"]) if ours["cache_gib"] else None)
-            rows.append(row)
-            print(json.dumps(row))
+                print(json.dumps(row))
         if not args.no_round and time.perf_counter() - begin < args.time_budget:
             count = args.round_prompts * args.round_group
-            prompts = torch.randint(1, vocab - 1, (count, args.prompt_len), generator=generator).tolist()
-            ours = run_ours(loop, prompts, args.new_tokens, device)
+            distinct = torch.randint(1, vocab - 1, (args.round_prompts, args.prompt_len), generator=generator).tolist()
+            prompts = [prompt for prompt in distinct for _ in range(args.round_group)]
+            ours = run_ours(loops[modes[0]], prompts, args.new_tokens, device)
             if args.full_round:
                 sampling = SamplingConfig(max_new_tokens=args.new_tokens, temperature=1.0)
                 sync(device)
@@ -213,26 +225,26 @@ def main() -> None:
             else:
                 hf_prefill, hf_step = time_hf(hf_engine, prompts, args.hf_tokens, device)
                 hf_total, how = hf_prefill + hf_step * (args.new_tokens - 1) / 1e3, "extrapolated"
-            rounds.append(dict(shape=shape, completions=count, ours_s=ours["total_s"], ours_capture_s=ours["capture_s"],
+            rounds.append(dict(shape=shape, attention=modes[0], completions=count, ours_s=ours["total_s"], ours_capture_s=ours["capture_s"],
                                ours_prefill_s=ours["prefill_s"], ours_step_ms=ours["step_ms"], hf_s=hf_total,
                                hf_how=how, speedup=hf_total / ours["total_s"], peak_gib=ours["peak_gib"],
                                mem_x=ours["peak_gib"] / (ours["weights_gib"] + ours["cache_gib"])))
             print(json.dumps(rounds[-1]))
-        del model, hf_engine, loop
+        del model, hf_engine, loops
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    print(f"\n{'shape':12s} {'batch':>5s} {'ms/step':>8s} {'floor':>7s} {'x floor':>7s} {'HF ms':>8s} {'x HF':>6s} "
+    print(f"\n{'shape':12s} {'attn':5s} {'batch':>5s} {'ms/step':>8s} {'floor':>7s} {'x floor':>7s} {'HF ms':>8s} {'x HF':>6s} "
           f"{'tok/s':>9s} {'prefill s':>9s} {'capture s':>9s} {'peak GiB':>8s} {'x(w+kv)':>7s}")
     for r in rows:
         if r.get("status") != "ok":
-            print(f"{r['shape']:12s} {r.get('batch', '-')!s:>5s} {r['status']}")
+            print(f"{r['shape']:12s} {r.get('attention', '-'):5s} {r.get('batch', '-')!s:>5s} {r['status']}")
             continue
-        print(f"{r['shape']:12s} {r['batch']:5d} {r['step_ms']:8.2f} {r['floor_ms']:7.2f} {r['floor_x']:7.2f} "
+        print(f"{r['shape']:12s} {r['attention']:5s} {r['batch']:5d} {r['step_ms']:8.2f} {r['floor_ms']:7.2f} {r['floor_x']:7.2f} "
               f"{r['hf_step_ms']:8.2f} {r['speedup_vs_hf']:6.1f} {r['tokens_per_s']:9.0f} {r['prefill_s']:9.3f} "
               f"{r['capture_s']:9.3f} {r['peak_gib']:8.2f} {r['mem_x'] or float('nan'):7.3f}")
     for r in rounds:
-        print(f"GRPO round {r['shape']}: {r['completions']} x {args.new_tokens} tokens: ours {r['ours_s']:.2f} s "
+        print(f"GRPO round {r['shape']} ({r['attention']}): {r['completions']} x {args.new_tokens} tokens: ours {r['ours_s']:.2f} s "
               f"(capture {r['ours_capture_s']:.2f} s, prefill {r['ours_prefill_s']:.2f} s), transformers "
               f"{r['hf_s']:.1f} s ({r['hf_how']}) -> {r['speedup']:.1f}x; peak {r['peak_gib']:.2f} GiB "
               f"= {r['mem_x']:.3f} x (weights + KV)")

@@ -105,6 +105,23 @@ TORCH_LIBRARY(fusedrl, m) {
       "nf4_lora_linear_backward(Tensor grad_y, Tensor x, Tensor[] packed, Tensor[] absmax, Tensor[] nested_absmax, "
       "Tensor[] nested_code, float[] offset, int[] rows, int blocksize, Tensor lora_A, Tensor lora_B, float scaling, "
       "bool[3] output_mask) -> (Tensor grad_x, Tensor grad_lora_A, Tensor grad_lora_B)");
+
+  // ---- Decode step of the static rollout loop (csrc/kernels/decode_attention.h, csrc/torch/decode_attention.h).
+  // q (B, H, D), k and v (B, Hkv, D) of the new token -> rotated q (B, H, D); writes rotated k and v to slot `slot`
+  // (int64 (1,)) of the caches (>= B, Hkv, L, D). cos, sin (B, D); q_norm, k_norm: Qwen3's per-head RMSNorm weights.
+  m.def(
+      "rotary_cache_write(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor? q_norm, Tensor? k_norm, "
+      "float eps, Tensor(a!) cache_k, Tensor(b!) cache_v, Tensor slot) -> Tensor");
+
+  // Grouped-query attention of q (B, H, D) over cache slots [start[b], slot] of each row (start int32 (>= B,)):
+  // (B, H, D). splits: parts of the key range run by separate thread blocks (0: chosen from the shapes).
+  m.def(
+      "decode_attention(Tensor q, Tensor cache_k, Tensor cache_v, Tensor start, Tensor slot, float scale, "
+      "int splits) -> Tensor");
+
+  // transformers' LlamaRMSNorm of x (M, N) (contiguous rows) with weight (N,): w * round(x / rms(x)), one rounding
+  // per step as transformers rounds -> (M, N).
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
 }
 
 }  // namespace fusedrl

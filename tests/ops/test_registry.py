@@ -31,6 +31,15 @@ NF4_OPS = {op: ("python/fusedrl/ops/nf4.py", ref, "tests/ops/test_nf4.py", "benc
                            ("nf4_lora_linear_backward", "nf4_lora_linear_reference"))}
 
 
+# The decode-step ops of the static rollout loop: one kernel file pair (csrc/kernels/decode_attention*), one
+# registration list (csrc/torch/decode_attention.h); inference only (no autograd). op -> (face, reference, tests, bench)
+DECODE_OPS = {op: ("python/fusedrl/ops/decode_attention.py", ref, "tests/ops/test_decode_attention.py",
+                   "bench/bench_rollout.py")
+              for op, ref in (("rotary_cache_write", "rope_reference"),
+                              ("decode_attention", "decode_attention_reference"),
+                              ("rms_norm", "rms_norm_reference"))}
+
+
 # The activation-offload copies: side-effecting ops on an opaque arena object, used eagerly by fusedrl.nn.offload
 # (no fakes, no float64 reference: they move bytes, tested bit for bit). op -> registration keys
 OFFLOAD_OPS = {"offload_to_host": ("CPU",), "prefetch_to_device": ("CompositeImplicitAutograd",),
@@ -46,7 +55,7 @@ def registered_ops() -> set[str]:
 
 
 def test_every_registered_op_is_listed_here():
-    assert registered_ops() == set(OPS) | set(OFFLOAD_OPS) | set(NF4_OPS) | {"nf4_code"}
+    assert registered_ops() == set(OPS) | set(OFFLOAD_OPS) | set(NF4_OPS) | set(DECODE_OPS) | {"nf4_code"}
 
 
 def test_offload_ops_have_kernels_registrations_face_tests_and_benchmark():
@@ -92,6 +101,26 @@ def test_every_nf4_op_has_kernels_registrations_fake_reference_tests_and_benchma
     for op, (face, ref, tests, bench) in NF4_OPS.items():
         assert f'm.impl("{op}"' in header
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedrl::{op}", "CPU")
+        assert f'register_fake("fusedrl::{op}")' in (ROOT / face).read_text()
+        assert callable(getattr(reference, ref))
+        assert (ROOT / tests).exists() and (ROOT / bench).exists()
+
+
+def test_every_decode_op_has_kernels_registrations_fake_reference_tests_and_benchmark():
+    from fusedrl.ops import reference
+
+    assert (ROOT / "csrc/kernels/decode_attention_cpu.cpp").exists()
+    assert (ROOT / "csrc/kernels/decode_attention.cu").exists()
+    header = (ROOT / "csrc/torch/decode_attention.h").read_text()
+    assert "register_decode_attention_ops<CpuAttentionBackend>(m)" in (ROOT / "csrc/torch/decode_attention.cpp").read_text()
+    assert "register_decode_attention_ops<CudaAttentionBackend>(m)" in (
+        ROOT / "csrc/torch/decode_attention_cuda.cpp").read_text()
+    cuda_built = _ext.build_info().get("cuda", "none") != "none"
+    for op, (face, ref, tests, bench) in DECODE_OPS.items():
+        assert f'm.impl("{op}"' in header
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedrl::{op}", "CPU")
+        if cuda_built:
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedrl::{op}", "CUDA"), op
         assert f'register_fake("fusedrl::{op}")' in (ROOT / face).read_text()
         assert callable(getattr(reference, ref))
         assert (ROOT / tests).exists() and (ROOT / bench).exists()

@@ -59,6 +59,27 @@ def test_inverse_cdf_frequencies_match_softmax():
     torch.testing.assert_close(frequencies, probs, atol=0.01, rtol=0)  # 4 sigma of a 40000-draw frequency
 
 
+@pytest.mark.parametrize("vocab", [5, 640, 1536])
+def test_inverse_cdf_in_chunks_matches_one_scan(vocab):
+    """Vocabularies that split into chunks draw the same tokens as one scan (up to float rounding at a boundary),
+    and never a filtered token, also when whole chunks are filtered."""
+    generator = torch.Generator().manual_seed(vocab)
+    scores = torch.randn(64, vocab, generator=generator) * 3
+    scores[:, : vocab // 2] = float("-inf")  # whole leading chunks of zero probability
+    scores[:, -1] = float("-inf")  # and a zero-probability tail
+    uniforms = torch.rand(64, generator=generator)
+    uniforms[:2] = torch.tensor([0.0, 1 - 2**-24])
+    tokens = draw_by_inverse_cdf(scores, uniforms)
+    cumulative = scores.softmax(-1).double().cumsum(-1)
+    expected = torch.searchsorted(cumulative, (uniforms.double() * cumulative[:, -1])[:, None], right=True)
+    assert torch.isfinite(scores.gather(1, tokens[:, None])).all()
+    assert (tokens == expected.squeeze(1).clamp(max=vocab - 1)).float().mean() >= 0.95
+    frequencies_scores = scores[:1].expand(20000, -1)
+    draws = draw_by_inverse_cdf(frequencies_scores, torch.rand(20000, generator=generator))
+    frequencies = torch.bincount(draws, minlength=vocab).float() / 20000
+    torch.testing.assert_close(frequencies, scores[0].softmax(-1), atol=0.012, rtol=0)
+
+
 def test_sample_step_logp_is_raw_log_softmax_over_temperature():
     logits = _logits(seed=4)
     sampling = SamplingConfig(max_new_tokens=1, temperature=0.7, top_k=3, repetition_penalty=1.5)

@@ -64,12 +64,29 @@ def _assert_same_greedy(fast, slow, prompts, max_new: int, seed_note: str) -> No
     torch.testing.assert_close(ours.sampling_logp.cpu(), theirs.sampling_logp.cpu(), atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("attention", ["fused", "sdpa"])
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3", "mistral"])
-def test_greedy_matches_transformers_generate(model_type):
+def test_greedy_matches_transformers_generate(model_type, attention):
     model = _model(model_type, seed=3)
     fast, slow = _engines(model)
+    fast.static_loop.attention = attention  # before the first call, which builds the decoder
     prompts = _prompts([5, 1, 11, 7, 2], seed=4)
-    _assert_same_greedy(fast, slow, prompts, max_new=19, seed_note=f"{model_type}, seeds 3/4")
+    _assert_same_greedy(fast, slow, prompts, max_new=19, seed_note=f"{model_type} {attention}, seeds 3/4")
+    assert fast.static_loop._decoder.fused_attention == (attention == "fused")
+
+
+def test_identical_prompts_share_one_prefill_and_match_generate():
+    """A GRPO call repeats each prompt; the loop prefills each distinct prompt once (lengths mixed)."""
+    model = _model("qwen3", seed=21, lora=True)
+    fast, slow = _engines(model)
+    a, b, c = _prompts([7, 3, 7], seed=22)
+    prompts = [a, a, b, a, c, b, c]
+    decoder_calls = []
+    fast.generate(prompts[:1], SamplingConfig(max_new_tokens=2, greedy=True))  # builds the decoder
+    original = fast.static_loop._decoder.prefill
+    fast.static_loop._decoder.prefill = lambda ids, *rest: decoder_calls.append(ids.shape) or original(ids, *rest)
+    _assert_same_greedy(fast, slow, prompts, max_new=13, seed_note="seeds 21/22")
+    assert sorted(decoder_calls) == [(1, 3), (2, 7)]  # b once; a and c (same length) in one forward
 
 
 def test_greedy_with_live_lora_matches_generate():
@@ -157,17 +174,22 @@ def test_greedy_matches_generate_on_smollm2():
 
 # ---- CUDA ------------------------------------------------------------------------------------------------------------
 @pytest.mark.cuda
-def test_cuda_graph_greedy_matches_generate_float32():
-    model = _model("llama", seed=11, device="cuda", vocab_size=1031, hidden_size=256, intermediate_size=512,
+@pytest.mark.parametrize("attention", ["fused", "sdpa"])
+def test_cuda_graph_greedy_matches_generate_float32(attention):
+    model = _model("llama", seed=11, device="cuda", vocab_size=1031, hidden_size=512, intermediate_size=512,
                    num_attention_heads=8, num_key_value_heads=2, num_hidden_layers=3)
     tokenizer = SimpleNamespace(eos_token_id=1030, pad_token_id=0)
     fast = BuiltinEngine(model, tokenizer)  # CUDA: the static loop with graphs by default
+    fast.static_loop.attention = attention
     slow = BuiltinEngine(model, tokenizer, static_decode=False)
     prompts = _prompts([17, 5, 40, 1, 23], seed=12, vocab=1030)
     sampling = SamplingConfig(max_new_tokens=64, greedy=True)
     torch.backends.cuda.matmul.allow_tf32 = False
     ours, theirs = fast.generate(prompts, sampling), slow.generate(prompts, sampling)
     assert fast.static_loop._graphs, "the CUDA-graph path did not run"
+    assert fast.static_loop._decoder.fused_attention == (attention == "fused")
+    if attention == "fused":  # the attended range is read on the device: one graph serves every position
+        assert len(fast.static_loop._graphs) == 1
     assert torch.equal(ours.completion_ids, theirs.completion_ids)
     torch.testing.assert_close(ours.sampling_logp, theirs.sampling_logp, atol=1e-3, rtol=0)
     fast.sleep()
@@ -186,11 +208,13 @@ def test_cuda_bf16_sampler_logp_vs_trainer_logp():
                    num_hidden_layers=4)
     tokenizer = SimpleNamespace(eos_token_id=2047, pad_token_id=0)
     fast = BuiltinEngine(model, tokenizer)
+    fast_sdpa = BuiltinEngine(model, tokenizer)
+    fast_sdpa.static_loop.attention = "sdpa"
     slow = BuiltinEngine(model, tokenizer, static_decode=False)
     prompts = _prompts([30, 7, 64, 12] * 4, seed=14, vocab=2047)
     sampling = SamplingConfig(max_new_tokens=48, temperature=0.9)
     diffs = {}
-    for name, engine in (("static", fast), ("generate", slow)):
+    for name, engine in (("static", fast), ("static_sdpa", fast_sdpa), ("generate", slow)):
         out = engine.generate(prompts, sampling, torch.Generator("cuda").manual_seed(3))
         input_ids, attention_mask = engine._left_pad(prompts)
         full_ids = torch.cat([input_ids, out.completion_ids], dim=1)
@@ -202,9 +226,12 @@ def test_cuda_bf16_sampler_logp_vs_trainer_logp():
         trainer = logp.gather(-1, out.completion_ids.unsqueeze(-1)).squeeze(-1)
         diff = (out.sampling_logp - trainer).abs()[out.completion_mask.bool()]
         diffs[name] = (diff.mean().item(), diff.max().item())
-    print(f"bf16 |sampler logp - trainer logp| mean/max: static {diffs['static']}, generate {diffs['generate']}")
-    assert diffs["static"][0] <= 2 * diffs["generate"][0] + 1e-3
-    assert diffs["static"][1] <= 2 * diffs["generate"][1] + 1e-2
+    print(f"bf16 |sampler logp - trainer logp| mean/max: static fused {diffs['static']}, static sdpa "
+          f"{diffs['static_sdpa']}, generate {diffs['generate']}")
+    assert fast.static_loop._decoder.fused_attention
+    for name in ("static", "static_sdpa"):
+        assert diffs[name][0] <= 2 * diffs["generate"][0] + 1e-3, name
+        assert diffs[name][1] <= 2 * diffs["generate"][1] + 1e-2, name
 
 
 @pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
@@ -234,7 +261,7 @@ def test_batch_buckets_and_cache_sizes():
 
     assert [batch_bucket(n, 64) for n in (1, 2, 3, 8, 9, 63, 64, 65, 1000)] == [1, 2, 4, 8, 16, 64, 64, 64, 64]
     cache = StaticKVCache(2, 4, 16, 3, 8, torch.float32, torch.device("cpu"))
-    assert cache.nbytes == StaticKVCache.bytes_needed(2, 4, 16, 3, 8, torch.float32) + 4 * 16
+    assert cache.nbytes == StaticKVCache.bytes_needed(2, 4, 16, 3, 8, torch.float32) + 4 * 16 + 4 * 4
     assert cache.fits(3, 16, torch.float32, torch.device("cpu")) and not cache.fits(5, 16, torch.float32, "cpu")
     with pytest.raises(ValueError, match="batch=0"):
         StaticKVCache(2, 0, 16, 3, 8, torch.float32, torch.device("cpu"))

@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from .decode_reference import decode_attention_reference, rms_norm_reference, rope_reference  # noqa: F401
 from .grpo_loss import GRPOLossOutput
 from .nf4_reference import (nf4_dequantize_reference, nf4_lora_linear_reference,  # noqa: F401
                             nf4_quantize_reference)

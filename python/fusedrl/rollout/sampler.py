@@ -71,15 +71,40 @@ def filtered_logits(logits: torch.Tensor, seen: torch.Tensor | None, sampling: S
     return scores
 
 
+def _chunk_width(vocab: int) -> int:
+    """The largest power of two <= 512 dividing `vocab` (0 when below 64: one scan over the vocabulary then)."""
+    width = 512
+    while width >= 64 and vocab % width:
+        width //= 2
+    return width if width >= 64 else 0
+
+
 def draw_by_inverse_cdf(scores: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
-    """Token index per row with probability softmax(scores): the first index whose cumulative mass exceeds u."""
+    """Token index per row with probability softmax(scores): the first index whose cumulative mass exceeds u.
+
+    In two levels where the vocabulary splits into chunks (a scan over a 128K vocabulary is one slow kernel per
+    row): the chunk whose cumulative mass first exceeds the target, then the index inside it. The target is clamped
+    below the total (and below the chunk's own mass), so the chosen token always has positive probability."""
     probs = scores.softmax(dim=-1)
-    cumulative = probs.cumsum(dim=-1)
-    total = cumulative[..., -1:]
-    # u * total < total for u < 1; the clamp guards float rounding, so a zero-probability tail is never chosen.
+    width = _chunk_width(probs.shape[-1])
+    if not width:
+        cumulative = probs.cumsum(dim=-1)
+        total = cumulative[..., -1:]
+        # u * total < total for u < 1; the clamp guards float rounding, so a zero-probability tail is never chosen.
+        target = torch.minimum(uniform.unsqueeze(-1).float() * total, total * (1 - 2**-20))
+        index = torch.searchsorted(cumulative, target, right=True).squeeze(-1)
+        return index.clamp_(max=scores.shape[-1] - 1)
+    rows, vocab = probs.shape
+    chunks = probs.view(rows, vocab // width, width)
+    chunk_cumulative = chunks.sum(dim=-1).cumsum(dim=-1)  # (rows, chunks)
+    total = chunk_cumulative[:, -1:]
     target = torch.minimum(uniform.unsqueeze(-1).float() * total, total * (1 - 2**-20))
-    index = torch.searchsorted(cumulative, target, right=True).squeeze(-1)
-    return index.clamp_(max=scores.shape[-1] - 1)
+    chunk = torch.searchsorted(chunk_cumulative, target, right=True).clamp_(max=vocab // width - 1)  # (rows, 1)
+    before = chunk_cumulative.gather(1, (chunk - 1).clamp(min=0)) * (chunk > 0)
+    inside = chunks.gather(1, chunk[..., None].expand(rows, 1, width)).squeeze(1).cumsum(dim=-1)  # (rows, width)
+    inner_target = torch.minimum(target - before, inside[:, -1:] * (1 - 2**-20))
+    offset = torch.searchsorted(inside, inner_target, right=True).clamp_(max=width - 1)
+    return (chunk * width + offset).squeeze(-1)
 
 
 def sample_step(

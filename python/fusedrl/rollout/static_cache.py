@@ -1,8 +1,9 @@
 """A preallocated key/value cache for the static decode loop: fixed shapes and addresses, so CUDA graphs can read it.
 
 Per layer one key and one value tensor of shape (batch, kv_heads, length, head_dim) in the model's dtype, plus
-`valid` (batch, length) bool marking the slots that hold a real token (left padding stays False). Slot s of a row
-is column s of the left-padded prompt + completion layout, so a decode step writes the same slot in every row.
+`valid` (batch, length) bool marking the slots that hold a real token (left padding stays False) and `start`
+(batch,) int32, each row's first real slot (its padding is one left block). Slot s of a row is column s of the
+left-padded prompt + completion layout, so a decode step writes the same slot in every row.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class StaticKVCache:
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.valid = torch.zeros(batch, length, dtype=torch.bool, device=device)
+        self.start = torch.zeros(batch, dtype=torch.int32, device=device)
         self.batch, self.length = batch, length
         self.dtype, self.device = dtype, torch.device(device)
 
@@ -41,7 +43,7 @@ class StaticKVCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values) + self.valid.numel()
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values) + self.valid.numel() + 4 * self.batch
 
     def fits(self, batch: int, length: int, dtype: torch.dtype, device: torch.device) -> bool:
         return batch <= self.batch and length <= self.length and dtype == self.dtype and device == self.device

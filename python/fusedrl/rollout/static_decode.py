@@ -3,8 +3,11 @@
 Rows are padded up to a batch bucket (a power of two); the whole step — forward over the cache, sampling, recording
 the chosen token and its sampler log-probability, per-row EOS bookkeeping, advancing positions — reads and writes
 only the static buffers of `_DecodeState`, so on CUDA it is captured once per (batch bucket, attended length
-bucket, sampling settings) and replayed every token. The attended length is the cache prefix up to the current
-slot, rounded up to `LENGTH_BUCKET`, so a step reads the keys/values it needs, not the whole cache. Finished rows
+bucket, sampling settings) and replayed every token. With the fused attention kernels (`attention="fused"`, the
+default on CUDA) the attended range [start, slot] is read from device memory, so one graph per batch bucket
+serves every position; with SDPA the attended length is the cache prefix up to the current slot, rounded up to
+`LENGTH_BUCKET` (one graph per length bucket), so a step reads the keys/values it needs, not the whole cache.
+Prompts are prefilled one length at a time, each distinct prompt once (a GRPO group shares one prefill). Finished rows
 stay in the batch (their tokens become padding, their log-probabilities 0); the loop stops when every row has
 finished (checked every `FINISH_CHECK_EVERY` steps) or after max_new_tokens.
 
@@ -21,16 +24,16 @@ from dataclasses import dataclass
 
 import torch
 
-from fusedrl.model.hidden import position_ids_from_mask
 from fusedrl.rollout.base import SamplingConfig
-from fusedrl.rollout.llama_family import LlamaFamilyDecoder, unsupported_reason
+from fusedrl.rollout.llama_family import LlamaFamilyDecoder, fused_attention_reason, unsupported_reason
 from fusedrl.rollout.sampler import sample_step
 from fusedrl.rollout.static_cache import StaticKVCache
 
 LENGTH_BUCKET = 128
 CACHE_ROUNDING = 256
 FINISH_CHECK_EVERY = 8
-PREFILL_TOKENS_PER_CHUNK = 8192
+PREFILL_TOKENS_PER_CHUNK = 8192  # 16384 put the batch-64 peak at 1.12 x (weights + KV) on the H200
+ATTENTION_MODES = ("auto", "fused", "sdpa")
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +76,8 @@ class StaticDecodeLoop:
 
     eos_token_ids / pad_token_id: as the engine defines them. max_batch_size: rows decoded together (larger
     requests run in chunks). use_cuda_graphs: capture and replay the decode step (default: on CUDA devices).
+    attention: "fused" (fusedrl's rotary/cache-write and split-KV decode kernels), "sdpa" (torch), or "auto":
+    fused on CUDA where the kernels support the model and dtype, else SDPA (one log line says why).
     `stats` holds the last call's timings (prefill_s, capture_s, decode_s, decode_steps, batch_bucket).
     """
 
@@ -83,9 +88,13 @@ class StaticDecodeLoop:
         pad_token_id: int,
         max_batch_size: int = 512,
         use_cuda_graphs: bool | None = None,
+        attention: str = "auto",
     ) -> None:
         if max_batch_size <= 0:
             raise ValueError(f"max_batch_size must be > 0, got {max_batch_size}")
+        if attention not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION_MODES)}, got {attention!r}")
+        self.attention = attention
         self.model = model
         self.eos_token_ids = list(eos_token_ids)
         self.pad_token_id = int(pad_token_id)
@@ -109,7 +118,13 @@ class StaticDecodeLoop:
         return next(self.model.parameters())
 
     def release(self) -> None:
-        """Drops the graphs, the decode buffers and the KV cache (the sizes are remembered for `prepare`)."""
+        """Drops the graphs, the decode buffers, the adapter copies and the KV cache (the sizes are remembered for
+        `prepare`)."""
+        self._drop_cache()
+        if self._decoder is not None:
+            self._decoder.release()
+
+    def _drop_cache(self) -> None:
         self._graphs.clear()
         self._states.clear()
         self._cache = None
@@ -124,13 +139,23 @@ class StaticDecodeLoop:
         param = self._param()
         if self._decoder is None:
             self._decoder = LlamaFamilyDecoder(self.model)
+            self._choose_attention(param.dtype, param.device)
         if self._cache is None or not self._cache.fits(batch, length, param.dtype, param.device):
             if self._cache is not None:
                 batch, length = max(batch, self._cache.batch), max(length, self._cache.length)
-            self.release()
+            self._drop_cache()
             self._cache = self._decoder.new_cache(batch, length, param.dtype, param.device)
             self._cache_shape = (batch, length)
         return self._cache
+
+    def _choose_attention(self, dtype: torch.dtype, device: torch.device) -> None:
+        reason = None if self.attention == "sdpa" else fused_attention_reason(self._decoder, device, dtype)
+        if reason is None and self.attention == "auto" and device.type != "cuda":
+            reason = "on the CPU the fused ops are plain references (SDPA is faster)"
+        if reason is not None:
+            (logger.warning if self.attention == "fused" else logger.info)(
+                "static decode: attention with SDPA, not the fused kernels: %s", reason)
+        self._decoder.fused_attention = reason is None and self.attention != "sdpa"
 
     def _check_parameters_in_place(self) -> None:
         pointers = [p.data_ptr() for p in self.model.parameters()]
@@ -179,6 +204,12 @@ class StaticDecodeLoop:
                 self._decode_step(state, kv_len, sampling)
             self._graphs[(batch, kv_len, sampling)] = graph
 
+    def _kv_len(self, slot: int, cache: StaticKVCache) -> int:
+        """The attended length a decode step at `slot` is captured for (fused: one graph for every slot)."""
+        if self._decoder.fused_attention:
+            return cache.length
+        return min(_round_up(slot + 1, LENGTH_BUCKET), cache.length)
+
     # ---- generation ----------------------------------------------------------------------------------------------
     def generate(
         self, prompt_ids: list[list[int]], sampling: SamplingConfig, generator: torch.Generator | None
@@ -186,6 +217,13 @@ class StaticDecodeLoop:
         """(completion ids (N, Tc) padded after EOS, sampler logp (N, Tc) float32, 0 after EOS) on the device."""
         self.stats = {"prefill_s": 0.0, "capture_s": 0.0, "decode_s": 0.0, "decode_steps": 0}
         device = self._param().device
+        if any(len(p) == 0 for p in prompt_ids):
+            raise ValueError("static decode: every prompt needs at least one token")
+        if self._decoder is None:
+            self._decoder = LlamaFamilyDecoder(self.model)
+            self._choose_attention(self._param().dtype, device)
+        if self._decoder.refresh():  # the current adapters, copied into the projection groups' buffers
+            self._graphs.clear()
         if self._eos is None or self._eos.device != device:  # read by captured graphs: keep one tensor
             self._eos = torch.tensor(self.eos_token_ids, device=device)
         draws = None
@@ -206,6 +244,27 @@ class StaticDecodeLoop:
         logps = [torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in logps]
         return torch.cat(ids), torch.cat(logps)
 
+    def _prefill(self, prompts: list[list[int]], width: int, batch: int, cache: StaticKVCache, device) -> torch.Tensor:
+        """Prefills every row of `prompts` into cache rows [0, len(prompts)), slots [width - len, width); returns
+        the last hidden state of each row of the cache's batch bucket (bucket padding rows zero)."""
+        by_length: dict[int, dict[tuple, list[int]]] = {}  # length -> distinct prompt -> its rows
+        for row, prompt in enumerate(prompts):
+            by_length.setdefault(len(prompt), {}).setdefault(tuple(prompt), []).append(row)
+        last_hidden = None
+        for length, distinct in sorted(by_length.items()):
+            items = list(distinct.items())
+            per_forward = max(1, PREFILL_TOKENS_PER_CHUNK // length)
+            for first in range(0, len(items), per_forward):
+                part = items[first : first + per_forward]
+                ids = torch.tensor([list(prompt) for prompt, _ in part], dtype=torch.long, device=device)
+                rows = [row for _, part_rows in part for row in part_rows]
+                source = [i for i, (_, part_rows) in enumerate(part) for _ in part_rows]
+                hidden = self._decoder.prefill(ids, cache, rows, source, width - length)
+                if last_hidden is None:
+                    last_hidden = hidden.new_zeros(batch, hidden.shape[-1])
+                last_hidden[torch.tensor(rows, device=device)] = hidden[torch.tensor(source, device=device)]
+        return last_hidden
+
     def _generate_chunk(self, prompts, sampling: SamplingConfig, draws, device):
         count, max_new = len(prompts), sampling.max_new_tokens
         batch = batch_bucket(count, self.max_batch_size)
@@ -217,7 +276,7 @@ class StaticDecodeLoop:
         if state is None:
             state = self._states[batch] = _DecodeState.allocate(batch, cache.length, decoder.vocab_size, device)
         decode_slots = range(width, width + max_new - 1)  # the slot each decode step writes
-        kv_lens = sorted({min(_round_up(s + 1, LENGTH_BUCKET), cache.length) for s in decode_slots})
+        kv_lens = sorted({self._kv_len(s, cache) for s in decode_slots})
         sync = device.type == "cuda"
         if use_graphs and kv_lens:
             self._check_parameters_in_place()
@@ -233,15 +292,16 @@ class StaticDecodeLoop:
             self.stats["capture_s"] += time.perf_counter() - start
 
         # Left-padded prompts, as transformers' generate lays them out (rotary positions skip the padding).
+        lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+        valid = torch.arange(width)[None, :] >= (width - lengths)[:, None]
         input_ids = torch.full((count, width), self.pad_token_id, dtype=torch.long)
-        valid = torch.zeros((count, width), dtype=torch.bool)
-        for row, prompt in enumerate(prompts):
-            input_ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-            valid[row, width - len(prompt) :] = True
+        input_ids[valid] = torch.tensor([t for p in prompts for t in p], dtype=torch.long)
         input_ids, valid = input_ids.to(device), valid.to(device)
-        positions = position_ids_from_mask(valid)
 
         cache.valid.zero_()
+        cache.valid[:count, :width] = valid
+        cache.start.fill_(width)  # rows past `count` (bucket padding) attend to their own decode slots only
+        cache.start[:count] = (width - lengths).to(device=device, dtype=torch.int32)
         state.finished.fill_(True)
         state.finished[:count] = False
         state.seen.zero_()
@@ -252,19 +312,14 @@ class StaticDecodeLoop:
         if draws is not None:
             state.uniforms[:max_new, :count] = draws
         state.positions.zero_()
-        state.positions[:count] = positions[:, -1] + 1
+        state.positions[:count] = lengths.to(device)
         state.slot.fill_(width)
         state.step.zero_()
         state.out_tokens.fill_(self.pad_token_id)
         state.out_logp.zero_()
 
         start = time.perf_counter()
-        rows_per_chunk = max(1, PREFILL_TOKENS_PER_CHUNK // width)
-        pieces = [decoder.prefill(input_ids[r : r + rows_per_chunk], positions[r : r + rows_per_chunk],
-                                  valid[r : r + rows_per_chunk], cache, r) for r in range(0, count, rows_per_chunk)]
-        last_hidden = torch.cat(pieces)
-        if batch > count:
-            last_hidden = torch.cat([last_hidden, last_hidden.new_zeros(batch - count, last_hidden.shape[1])])
+        last_hidden = self._prefill(prompts, width, batch, cache, device)
         self._sample_and_record(state, decoder.logits(last_hidden), sampling)
         if sync:
             torch.cuda.synchronize(device)
@@ -275,7 +330,7 @@ class StaticDecodeLoop:
         for slot in decode_slots:
             if (steps % FINISH_CHECK_EVERY == 0 or not sync) and bool(state.finished.all()):
                 break
-            kv_len = min(_round_up(slot + 1, LENGTH_BUCKET), cache.length)
+            kv_len = self._kv_len(slot, cache)
             if use_graphs:
                 self._graphs[(batch, kv_len, sampling)].replay()
             else:
