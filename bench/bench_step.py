@@ -236,6 +236,7 @@ def main() -> int:
     parser.add_argument("--trl-contexts", default="4096")
     parser.add_argument("--search", default="", help="model labels (shape:quant) whose longest context is probed")
     parser.add_argument("--diagnose-dir", type=Path, default=None)
+    parser.add_argument("--diagnose-model", default="llama3.1-8b:bf16", help="shape:quant the diagnosis profiles")
     parser.add_argument("--profile-context", type=int, default=4096)
     parser.add_argument("--profile-modes", default="plain,offload,offload-eager,offload-nochunk,chunk")
     parser.add_argument("--profile-ops", default="offload", help="profiled modes that also get the aten-op table")
@@ -275,7 +276,8 @@ def main() -> int:
         return summary
 
     if args.diagnose_dir is not None and device.type == "cuda":
-        model, label = build_model("llama3.1-8b", device), "llama3.1-8b:bf16"
+        shape, quant = args.diagnose_model.split(":")
+        model, label = build_model(shape, device, quant), args.diagnose_model
         if args.pin_first:
             pin_longest(model, label, runs, args.snapshot_context, device)
         rows += diagnose(model, tokenizer, device, args, started)
@@ -345,10 +347,10 @@ def diagnose(model, tokenizer, device, args, started) -> list[dict]:
     snapshot_reserve = 70.0
     for index, mode in enumerate(args.profile_modes.split(",")):
         if time.perf_counter() - started > args.time_budget - snapshot_reserve:
-            rows.append(skipped("llama3.1-8b:bf16", args.profile_context, f"profile {mode}"))
+            rows.append(skipped(args.diagnose_model, args.profile_context, f"profile {mode}"))
             continue
         profiler = StepProfiler(3 if index == 0 else 2)  # the very first step also warms the kernels up
-        row = run_one(model, tokenizer, "llama3.1-8b:bf16", args.profile_context, mode, profiler.steps, device,
+        row = run_one(model, tokenizer, args.diagnose_model, args.profile_context, mode, profiler.steps, device,
                       callbacks=[profiler])
         row["diagnosis"] = "profile"
         if row["status"] == "ok":  # the table compares unprofiled warm steps
@@ -369,7 +371,7 @@ def diagnose(model, tokenizer, device, args, started) -> list[dict]:
         baseline = torch.cuda.memory_allocated()
         torch.cuda.memory._record_memory_history(enabled="all", context="all", stacks="python", max_entries=2_000_000)
         try:
-            row = run_one(model, tokenizer, "llama3.1-8b:bf16", args.snapshot_context, "offload", 1, device)
+            row = run_one(model, tokenizer, args.diagnose_model, args.snapshot_context, "offload", 1, device)
             snapshot = torch.cuda.memory._snapshot()
         finally:
             torch.cuda.memory._record_memory_history(enabled=None)
