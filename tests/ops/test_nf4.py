@@ -251,12 +251,22 @@ def test_lora_linear_compiles_with_fullgraph(device, generator):
 
 
 def test_lora_linear_under_autocast_runs_in_the_autocast_dtype(generator):
+    """As peft's LoRA under autocast: x, the float32 adapters and the bias are cast to the autocast dtype on the way
+    in (every product runs in bf16), and the adapters' gradients come back through the cast, in float32."""
     packed, state, x, a, b, bias = _lora_case(3, 48, 64, 4, torch.float32, "cpu", generator)
+    a, b = a.detach().requires_grad_(), b.detach().requires_grad_()
+    g = torch.randn(3, 48, generator=generator).to(torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = nf4_lora_linear(x, packed, state, a, b, 1.0, bias)
     assert y.dtype == torch.bfloat16
-    expected = nf4_lora_linear(x.bfloat16(), packed, state, a, b, 1.0, bias.bfloat16())
+    grads = torch.autograd.grad(y, [a, b], g)
+    a_cast, b_cast = a.detach().bfloat16().requires_grad_(), b.detach().bfloat16().requires_grad_()
+    expected = nf4_lora_linear(x.bfloat16(), packed, state, a_cast, b_cast, 1.0, bias.bfloat16())
     assert torch.equal(y, expected)
+    expected_grads = torch.autograd.grad(expected, [a_cast, b_cast], g)
+    for grad, ref in zip(grads, expected_grads):
+        assert grad.dtype == torch.float32
+        assert torch.equal(grad, ref.float())
 
 
 def test_lora_linear_matches_bitsandbytes_matmul_4bit_plus_lora(generator):
