@@ -13,23 +13,10 @@
 #include <cmath>
 
 #include "decode_attention.h"
+#include "dtype_conv.cuh"
 
 namespace fusedrl {
 namespace {
-
-template <typename T> struct Conv;
-template <> struct Conv<float> {
-  __device__ static float load(float x) { return x; }
-  __device__ static float store(float x) { return x; }
-};
-template <> struct Conv<__half> {
-  __device__ static float load(__half x) { return __half2float(x); }
-  __device__ static __half store(float x) { return __float2half_rn(x); }
-};
-template <> struct Conv<__nv_bfloat16> {
-  __device__ static float load(__nv_bfloat16 x) { return __bfloat162float(x); }
-  __device__ static __nv_bfloat16 store(float x) { return __float2bfloat16_rn(x); }
-};
 
 template <typename T> __device__ float round_to(float x) { return Conv<T>::load(Conv<T>::store(x)); }
 

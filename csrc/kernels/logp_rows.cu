@@ -10,6 +10,7 @@
 #include <cmath>
 
 #include "logp_rows.h"
+#include "dtype_conv.cuh"
 
 namespace fusedrl {
 namespace {
@@ -19,24 +20,6 @@ constexpr int kWarps = kThreads / 32;
 
 // ---------------------------------------------------------------------------------------------------------------
 // scalar conversions
-
-template <typename T> struct Conv;
-template <> struct Conv<float> {
-  __device__ static float load(float x) { return x; }
-  __device__ static float store(float x) { return x; }
-};
-template <> struct Conv<double> {
-  __device__ static double load(double x) { return x; }
-  __device__ static double store(double x) { return x; }
-};
-template <> struct Conv<__half> {
-  __device__ static float load(__half x) { return __half2float(x); }
-  __device__ static __half store(float x) { return __float2half_rn(x); }
-};
-template <> struct Conv<__nv_bfloat16> {
-  __device__ static float load(__nv_bfloat16 x) { return __bfloat162float(x); }
-  __device__ static __nv_bfloat16 store(float x) { return __float2bfloat16_rn(x); }
-};
 
 __device__ __forceinline__ float exp_acc(float x) { return __expf(x); }
 __device__ __forceinline__ double exp_acc(double x) { return exp(x); }

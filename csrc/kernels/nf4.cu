@@ -15,6 +15,7 @@
 #include <cuda_fp16.h>
 
 #include "nf4.h"
+#include "dtype_conv.cuh"
 
 namespace fusedrl {
 namespace {
@@ -29,20 +30,6 @@ CodeTable code_table() {
   for (int i = 0; i < 16; ++i) t.v[i] = kNf4Code[i];
   return t;
 }
-
-template <typename T> struct Conv;
-template <> struct Conv<float> {
-  __device__ static float load(float x) { return x; }
-  __device__ static float store(float x) { return x; }
-};
-template <> struct Conv<__half> {
-  __device__ static float load(__half x) { return __half2float(x); }
-  __device__ static __half store(float x) { return __float2half_rn(x); }
-};
-template <> struct Conv<__nv_bfloat16> {
-  __device__ static float load(__nv_bfloat16 x) { return __bfloat162float(x); }
-  __device__ static __nv_bfloat16 store(float x) { return __float2bfloat16_rn(x); }
-};
 
 __device__ __forceinline__ void load_code_table(const CodeTable& table, float* lut) {
   if (threadIdx.x < 16) lut[threadIdx.x] = table.v[threadIdx.x];  // __grid_constant__: read in place
