@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 import fusedrl_import  # noqa: F401  the installed fusedrl, else the source tree
-from bench_nf4 import PROJECTIONS, build_layers
+from bench_nf4 import PROJECTIONS, Clock, build_layers
 
 GROUPS = (("nf4", ("nf4",)), ("gemm", ("gemm", "sm90_", "cutlass", "cublas", "xmma", "splitk")),
           ("elementwise", ("elementwise", "copy", "mul", "add", "fill", "cast", "reduce")))
@@ -46,19 +46,6 @@ def host_ms(fn, reps: int) -> float:
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
     torch.cuda.synchronize()
-    return statistics.median(times)
-
-
-def event_ms(fn, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop))
     return statistics.median(times)
 
 
@@ -124,7 +111,7 @@ def main() -> int:
                 for kname, entry in kernels.items():
                     groups[kernel_group(kname)] = groups.get(kernel_group(kname), 0.0) + entry["us"] / 1e3
                 row = dict(shape=[n, k], name=name, m=m, mode=mode, impl=impl, host_ms=host_ms(fn, args.reps),
-                           event_ms=event_ms(fn, args.reps), gpu_ms=sum(groups.values()), groups=groups,
+                           event_ms=Clock(torch.device("cuda"), args.reps).time_ms(fn), gpu_ms=sum(groups.values()), groups=groups,
                            kernels={kn: e for kn, e in sorted(kernels.items(), key=lambda kv: -kv[1]["us"])[:12]})
                 results.append(row)
                 group_text = " ".join(f"{g} {ms:.3f}" for g, ms in sorted(groups.items()))
