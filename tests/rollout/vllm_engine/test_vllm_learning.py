@@ -25,7 +25,7 @@ def sum_reward(prompts, completions, answer, **kwargs):
     return [1.0 if expected in re.findall(r"\d+", c[0]["content"]) else 0.0 for c, expected in zip(completions, answer)]
 
 
-def test_grpo_through_vllm_teaches_smollm2_to_answer_sums(shared_model):
+def test_grpo_through_vllm_teaches_smollm2_to_answer_sums(shared_model, tmp_path):
     from fusedrl.train.config import GRPOConfig
     from fusedrl.train.trainer import GRPOTrainer
 
@@ -34,7 +34,7 @@ def test_grpo_through_vllm_teaches_smollm2_to_answer_sums(shared_model):
              "answer": str(a + b)} for a in range(1, 6) for b in range(1, 6)]
     args = GRPOConfig(learning_rate=1e-3, per_device_train_batch_size=16, num_generations=8, max_completion_length=12,
                       max_steps=10, dtype="float32", gradient_checkpointing=False, seed=0, use_vllm=True,
-                      vllm_mode="colocate", vllm_enable_sleep_mode=True)
+                      vllm_mode="colocate", vllm_enable_sleep_mode=True, output_dir=str(tmp_path))
     with restore_adapter(model):
         trainer = GRPOTrainer(model, sum_reward, args, rows, tokenizer)
         assert trainer.engine is model.vllm_engine and trainer.corrects_sampler_mismatch
