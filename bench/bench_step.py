@@ -47,6 +47,7 @@ from step_models import build_model  # noqa: E402
 from fusedrl import GRPOConfig, GRPOTrainer  # noqa: E402
 from fusedrl.model.tiny import tiny_word_tokenizer  # noqa: E402
 from fusedrl.rollout.base import RolloutOutput, SamplingConfig  # noqa: E402
+from fusedrl.train.checkpointing import pinnable_host_bytes  # noqa: E402
 from fusedrl.train.memory_plan import ModelShape, available_host_bytes, estimate, longest_sequence  # noqa: E402
 
 GIB = float(2**30)
@@ -391,18 +392,17 @@ def diagnose(model, tokenizer, device, args, started) -> list[dict]:
 
 def search_longest(model, label, total) -> list[dict]:
     """The plan's longest context of the offload mode for 80 GB and for the card, on the GPU side alone and with the
-    pinned arena within 3/4 of the host's available memory (a run of that context confirms it: --runs)."""
+    pinned arena within 3/4 of the host's available memory plus the arena already pinned (a run of that context confirms it: --runs)."""
     rows = []
     shape = ModelShape.of(model, torch.bfloat16)
-    host = available_host_bytes()
-    host_budget = None if host is None else host * 3 // 4
+    host_budget = pinnable_host_bytes(available_host_bytes(), getattr(model, "fusedrl_checkpointing", None))
     for limit_label, limit in (("80GB", 80e9), ("card", 0.95 * total)):
         gpu_only = longest_sequence(shape, 8, int(limit), offload=True, mlp_chunk_tokens=8192)
         with_host = longest_sequence(shape, 8, int(limit), offload=True, mlp_chunk_tokens=8192,
                                      host_budget_bytes=host_budget)
         host_text = f"{host_budget / GIB:.0f}" if host_budget else "?"
         print(f"search {label} {limit_label}: plan's longest sequence {gpu_only} tokens on the GPU side, {with_host} "
-              f"with the pinned arena within {host_text} GiB of host memory (3/4 of MemAvailable)", flush=True)
+              f"with the pinned arena within {host_text} GiB of host memory (3/4 of MemAvailable + the arena already pinned)", flush=True)
         rows.append({"model": label, "search": limit_label, "status": "plan", "gpu_only_tokens": gpu_only,
                      "with_host_tokens": with_host, "host_budget_gib": host_budget / GIB if host_budget else None,
                      "context": with_host, "mode": "offload"})

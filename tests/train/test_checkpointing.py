@@ -48,3 +48,19 @@ def test_chunked_mlp_step_matches_unchunked_in_float64():
 def test_checkpointing_off_leaves_no_plan():
     trainer, _ = one_step(False, None, torch.float32)
     assert trainer.memory_plan is None
+
+
+def test_host_budget_counts_the_arena_a_new_runner_takes_over():
+    """A second trainer on the same model reuses the pinned arena of the first: the plan's host budget must add it
+    back (it is no longer in MemAvailable), else a step that fitted is refused the second time."""
+    from fusedrl.nn.offload import OffloadedCheckpointing
+    from fusedrl.train.checkpointing import pinnable_host_bytes
+
+    model = tiny_model_from_tokenizer(tiny_word_tokenizer(), hidden=32, layers=3, seed=0)
+    runner = OffloadedCheckpointing.install(model, offload=True)
+    assert pinnable_host_bytes(None, runner) is None  # unknown host memory: no host limit
+    assert pinnable_host_bytes(8 << 30, None) == 6 << 30
+    assert pinnable_host_bytes(8 << 30, runner) == 6 << 30  # nothing pinned yet (CPU: no arena)
+    runner.pinned_bytes = lambda: 62 << 30  # as after a CUDA run that pinned a 62 GiB arena
+    assert pinnable_host_bytes(8 << 30, runner) == (6 << 30) + (62 << 30)
+    assert pinnable_host_bytes(8 << 30, object()) == 6 << 30  # not our runner: nothing to take over

@@ -46,7 +46,7 @@ def prepare_checkpointing(model: torch.nn.Module, args: Any, *, engine_bytes: in
         plan = choose(shape, batch, sequence, budget, offload=None if mode is None else mode == "offload",
                       mlp_chunk_tokens=chunk, engine_bytes=engine_bytes,
                       chunk_given=args.mlp_chunk_tokens is not None,
-                      host_budget_bytes=_pinnable(available_host_bytes()))
+                      host_budget_bytes=pinnable_host_bytes(available_host_bytes(), runner))
         logger.warning(plan.describe(budget))  # one line before the first step, shown by default
     else:  # CPU: no budget; offload is a no-op, chunking only if asked
         plan = estimate(shape, batch, sequence, offload=mode == "offload", mlp_chunk_tokens=chunk,
@@ -63,9 +63,14 @@ def prepare_checkpointing(model: torch.nn.Module, args: Any, *, engine_bytes: in
     return plan
 
 
-def _pinnable(available: int | None) -> int | None:
-    """Pinned memory cannot be swapped: leave a quarter of the available host memory to everything else."""
-    return None if available is None else available * 3 // 4
+def pinnable_host_bytes(available: int | None, runner: Any = None) -> int | None:
+    """Host bytes the plan may pin: 3/4 of the available memory (pinned memory cannot be swapped; a quarter stays
+    for everything else), plus the arena the model's installed runner already pinned, which the new runner takes
+    over (a second trainer on the same model, e.g. in a notebook, must not see its own arena as used memory)."""
+    if available is None:
+        return None
+    pinned = runner.pinned_bytes() if isinstance(runner, OffloadedCheckpointing) else 0
+    return available * 3 // 4 + pinned
 
 
 def reset_after_micro_batch(model: torch.nn.Module) -> None:
