@@ -75,15 +75,11 @@ class ProjectionGroup:
         try:
             adapters = [_active_lora(m) for m in self.modules]
         except LookupError:
-            changed = self.fused or self._layout is not None
-            self.fused, self.a_cat, self.b_block, self.bias_cat, self._layout = False, None, None, None, None
-            return changed
+            return self._unfuse()
         bases = [_base_linear(m) for m in self.modules]
         dtype, device = bases[0].weight.dtype, bases[0].weight.device
         if any(b.weight.dtype != dtype or b.weight.device != device for b in bases):
-            changed = self.fused or self._layout is not None
-            self.fused, self._layout = False, None
-            return changed
+            return self._unfuse()
         has_bias = any(b.bias is not None for b in bases)
         layout = (dtype, device, has_bias, tuple(None if a is None else tuple(a[0].shape) for a in adapters))
         reallocate = layout != self._layout
@@ -110,7 +106,13 @@ class ProjectionGroup:
 
     def release(self) -> None:
         """Frees the adapter copies (the engine's sleep); the next `refresh()` re-allocates them."""
+        self._unfuse()
+
+    def _unfuse(self) -> bool:
+        """Back to running each module as-is, buffers freed; True when the group was fused or laid out before."""
+        changed = self.fused or self._layout is not None
         self.fused, self.a_cat, self.b_block, self.bias_cat, self._layout = False, None, None, None, None
+        return changed
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> list[torch.Tensor]:
         """[module(x)] for x (..., in), possibly column views of one buffer. With a residual (..., out) (groups of

@@ -135,11 +135,17 @@ class StaticDecodeLoop:
         if self._cache is None and self._cache_shape is not None:
             self._ensure_cache(*self._cache_shape)
 
-    def _ensure_cache(self, batch: int, length: int) -> StaticKVCache:
-        param = self._param()
+    def _ensure_decoder(self) -> LlamaFamilyDecoder:
+        """The decoder over the model's modules, built once, with its attention mode chosen."""
         if self._decoder is None:
+            param = self._param()
             self._decoder = LlamaFamilyDecoder(self.model)
             self._choose_attention(param.dtype, param.device)
+        return self._decoder
+
+    def _ensure_cache(self, batch: int, length: int) -> StaticKVCache:
+        param = self._param()
+        self._ensure_decoder()
         if self._cache is None or not self._cache.fits(batch, length, param.dtype, param.device):
             if self._cache is not None:
                 batch, length = max(batch, self._cache.batch), max(length, self._cache.length)
@@ -219,10 +225,7 @@ class StaticDecodeLoop:
         device = self._param().device
         if any(len(p) == 0 for p in prompt_ids):
             raise ValueError("static decode: every prompt needs at least one token")
-        if self._decoder is None:
-            self._decoder = LlamaFamilyDecoder(self.model)
-            self._choose_attention(self._param().dtype, device)
-        if self._decoder.refresh():  # the current adapters, copied into the projection groups' buffers
+        if self._ensure_decoder().refresh():  # the current adapters, copied into the projection groups' buffers
             self._graphs.clear()
         if self._eos is None or self._eos.device != device:  # read by captured graphs: keep one tensor
             self._eos = torch.tensor(self.eos_token_ids, device=device)

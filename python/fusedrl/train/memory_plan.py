@@ -98,6 +98,11 @@ class MemoryPlan:
         resident = t["weights"] + t["optimizer"] + t["engine"] + t["checkpoints"]
         return int(OVERHEAD * (resident + max(t["layer_working"], t["loss"])))
 
+    def fits(self, budget_bytes: int, host_budget_bytes: int | None = None) -> bool:
+        """The peak fits `budget_bytes` and the pinned arena `host_budget_bytes` (None: no host limit)."""
+        host_ok = host_budget_bytes is None or self.pinned_host_bytes <= host_budget_bytes
+        return self.peak_bytes <= budget_bytes and host_ok
+
     def describe(self, free_bytes: int | None = None) -> str:
         mode = "offloaded checkpoints" if self.offload else "checkpoints on the GPU"
         chunk = f"MLP chunks of {self.mlp_chunk_tokens} tokens" if self.mlp_chunk_tokens else "unchunked MLP"
@@ -155,8 +160,7 @@ def choose(shape: ModelShape, batch: int, sequence: int, budget_bytes: int, *, o
     plans = [estimate(shape, batch, sequence, offload=o, mlp_chunk_tokens=c, engine_bytes=engine_bytes)
              for o, c in candidates]
     for plan in plans:
-        host_ok = host_budget_bytes is None or plan.pinned_host_bytes <= host_budget_bytes
-        if plan.peak_bytes <= budget_bytes and host_ok:
+        if plan.fits(budget_bytes, host_budget_bytes):
             return plan
     best = min(plans, key=lambda p: p.peak_bytes)
     longest = longest_sequence(shape, batch, budget_bytes, offload=best.offload,
@@ -194,8 +198,7 @@ def longest_sequence(shape: ModelShape, batch: int, budget_bytes: int, *, offloa
     def fits(sequence: int) -> bool:
         plan = estimate(shape, batch, sequence, offload=offload, mlp_chunk_tokens=mlp_chunk_tokens,
                         engine_bytes=engine_bytes)
-        host_ok = host_budget_bytes is None or plan.pinned_host_bytes <= host_budget_bytes
-        return plan.peak_bytes <= budget_bytes and host_ok
+        return plan.fits(budget_bytes, host_budget_bytes)
 
     if not fits(1):
         return 0
