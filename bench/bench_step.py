@@ -346,7 +346,7 @@ def diagnose(model, tokenizer, device, args, started) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     snapshot_reserve = 70.0
-    for index, mode in enumerate(args.profile_modes.split(",")):
+    for index, mode in enumerate(filter(None, args.profile_modes.split(","))):
         if time.perf_counter() - started > args.time_budget - snapshot_reserve:
             rows.append(skipped(args.diagnose_model, args.profile_context, f"profile {mode}"))
             continue
