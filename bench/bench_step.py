@@ -180,6 +180,9 @@ def run_one(model, tokenizer, label: str, context: int, mode: str, steps: int, d
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        # The model's own bytes and anything an earlier run left behind: the peak below counts them too.
+        row["allocated_before_gib"] = torch.cuda.memory_allocated() / GIB
+        row["model_gib"] = ModelShape.of(model, torch.bfloat16).weight_bytes / GIB
     try:
         numbers = trl_style_step(model, tokenizer, context, steps) if mode == "trl" else \
             trainer_step(model, tokenizer, context, mode, steps, callbacks)
@@ -215,7 +218,14 @@ def format_row(r: dict) -> str:
     plan = f"{r['plan_peak_gib']:6.1f}" if r.get("plan_peak_gib") else "     -"
     return (f"{r['model']:18s} {r['context']:6d} {r['mode']:15s} {r['s_per_step']:7.2f} s  peak {peak} GiB  "
             f"plan {plan} GiB  pinned {r['pinned_gib']:5.1f} GiB  chunk {r.get('mlp_chunk_tokens')}  "
-            f"(first step {r.get('s_first_step', r['s_per_step']):.2f} s)")
+            f"(first step {r.get('s_first_step', r['s_per_step']):.2f} s){_left_behind(r)}")
+
+
+def _left_behind(r: dict) -> str:
+    """A warning when more than the model was allocated before the run (an earlier run's leftovers count in the
+    peak)."""
+    extra = r.get("allocated_before_gib", 0.0) - r.get("model_gib", 0.0)
+    return f"  [{extra:.1f} GiB beyond the model allocated before the run]" if extra > 0.5 else ""
 
 
 def parse_runs(text: str) -> list[tuple[str, str, int, list[str]]]:
@@ -392,7 +402,8 @@ def diagnose(model, tokenizer, device, args, started) -> list[dict]:
 
 def search_longest(model, label, total) -> list[dict]:
     """The plan's longest context of the offload mode for 80 GB and for the card, on the GPU side alone and with the
-    pinned arena within 3/4 of the host's available memory plus the arena already pinned (a run of that context confirms it: --runs)."""
+    pinned arena within 3/4 of the host's available memory plus the arena already pinned (a run of that context
+    confirms it: --runs)."""
     rows = []
     shape = ModelShape.of(model, torch.bfloat16)
     host_budget = pinnable_host_bytes(available_host_bytes(), getattr(model, "fusedrl_checkpointing", None))
@@ -402,7 +413,8 @@ def search_longest(model, label, total) -> list[dict]:
                                      host_budget_bytes=host_budget)
         host_text = f"{host_budget / GIB:.0f}" if host_budget else "?"
         print(f"search {label} {limit_label}: plan's longest sequence {gpu_only} tokens on the GPU side, {with_host} "
-              f"with the pinned arena within {host_text} GiB of host memory (3/4 of MemAvailable + the arena already pinned)", flush=True)
+              f"with the pinned arena within {host_text} GiB of host memory (3/4 of MemAvailable + the arena already "
+              "pinned)", flush=True)
         rows.append({"model": label, "search": limit_label, "status": "plan", "gpu_only_tokens": gpu_only,
                      "with_host_tokens": with_host, "host_budget_gib": host_budget / GIB if host_budget else None,
                      "context": with_host, "mode": "offload"})

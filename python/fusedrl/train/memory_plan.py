@@ -2,29 +2,26 @@
 context, before anything runs; the checkpointing mode (plain / offloaded) and MLP chunk size that fit.
 
 Terms (N = batch x sequence tokens of one micro-batch, d = bytes of the compute dtype, H hidden, I MLP width,
-K = key/value width, L layers; U = N*H*d, one layer input; KV = N*K*d):
+K = key/value width, Q = query width (heads x head_dim: H on Llama, 1.6 H on Qwen3-4B), L layers; U = N*H*d, one
+layer input; QW = N*Q*d; KV = N*K*d):
   weights          every parameter and buffer as stored;
   optimizer        per trainable parameter: its gradient (own dtype) + AdamW's two fp32 moments;
   checkpoints      one layer input per layer, U each: L of them on the device without offload; with offload the
                    last layer's plus the two device slots (3);
   layer working    the peak inside one layer's recompute + backward.
                    Unchunked (transformers' checkpointing, or fusedrl's without chunks): attention's saved tensors
-                   N*d*(5H + 4K), the MLP's N*d*(H + 7I) (its input, the four saved (N, I) tensors and three of
-                   their gradients in flight) and 3U of gradients in flight.
+                   N*d*(2H + 3Q + 4K) (+ the float32 inputs of per-head q/k norms, N*d*(2Q + 2K)), the MLP's
+                   N*d*(H + 7I) (its input, the four saved (N, I) tensors and three of their gradients in flight)
+                   and 3U of gradients in flight.
                    Chunked by c tokens (fusedrl.nn.offload: MLP and norms chunked, the MLP's output deferred in the
                    recompute, no LoRA input copies): the larger of two phases —
-                     attention backward: kept x_norm, rotated q, attention output (3U) and rotated k, v (2KV); in
-                     flight the layer's output gradient, the residual's, the attention output's (3U), dq (U), flash
-                     attention's float32 dq accumulator (2U), dk, dv (2KV) and, with grouped KV heads, dk, dv
-                     expanded to every head (2U): 9U + 4KV (+ 2U);
-                     MLP backward: the five kept tensors (5U + 2KV), the output and input gradients (2U) and one
-                     chunk's MLP tensors c*d*7I;
-  loss             the final-norm input and output, the completion hidden states' contiguous copy and the fused
-                   op's (N, H) gradient direction: 4U, plus one chunk of float32 logits (256 MiB, or N x vocab when
-                   smaller); with transformers' own checkpointing also the two float32 (N, H) copies its RMSNorm
-                   saves (fusedrl's checkpointing chunks the final norm instead);
-  engine           the rollout engine's KV cache when it is not freed during training (passed in);
-  overhead         5% for allocator rounding and fragmentation.
+                     attention backward: kept x_norm (U), rotated q, attention output (2QW) and rotated k, v (2KV);
+                     in flight the layer's output gradient and the residual's (2U), the attention output's gradient
+                     and dq (2QW), flash attention's float32 dq accumulator (2QW), dk, dv (2KV) and, with grouped
+                     KV heads, dk, dv expanded to every head (2QW): 3U + 8QW + 4KV (- 2QW without grouping), plus
+                     with per-head q/k norms (Qwen3) the q/k projections' outputs their chunked norms keep (QW + KV);
+                     MLP backward: the kept attention tensors and the two residual-stream ones (3U + 2QW + 2KV, + QW
+                     + KV with head norms), the output and input gradients (2U) and one chunk's MLP tensors c*d*7I;
 peak = weights + optimizer + engine + checkpoints + max(layer working, loss), times the overhead factor.
 The estimate is checked against measured peaks (tests/train/test_memory_plan.py on CUDA, bench/bench_step.py).
 """
@@ -38,6 +35,7 @@ import torch
 GiB = float(2**30)
 LOGITS_CHUNK_BYTES = 256 << 20  # the fused loss's chunk of logits on CUDA
 OVERHEAD = 1.05
+HEAD_NORM_SUFFIXES = ("self_attn.q_norm", "self_attn.k_norm")  # Qwen3's per-head RMSNorms
 # Tried in this order (cheapest first) when the user has not chosen: (offload, mlp chunk tokens or None).
 CANDIDATES = ((False, None), (False, 8192), (True, 8192), (True, 4096), (True, 2048), (True, 1024))
 
@@ -55,6 +53,8 @@ class ModelShape:
     trainable_bytes: int
     compute_bytes: int = 2  # bytes per activation element (bf16/fp16: 2, fp32: 4)
     vocab: int = 0  # output vocabulary (0: unknown, the loss's logits chunk is taken at its full size)
+    query_width: int = 0  # num_attention_heads * head_dim (0: the hidden size)
+    head_norms: bool = False  # per-head RMSNorms on q and k inside attention (Qwen3's q_norm / k_norm)
 
     @classmethod
     def of(cls, model: torch.nn.Module, compute_dtype: torch.dtype | None = None) -> ModelShape:
@@ -79,6 +79,8 @@ class ModelShape:
             trainable_bytes=sum(p.numel() * p.element_size() for p in trainable),
             compute_bytes=torch.empty(0, dtype=dtype).element_size(),
             vocab=int(getattr(config, "vocab_size", 0) or 0),
+            query_width=heads * head_dim,
+            head_norms=any(name.endswith(HEAD_NORM_SUFFIXES) for name, _ in model.named_modules()),
         )
 
 
@@ -125,14 +127,17 @@ def estimate(shape: ModelShape, batch: int, sequence: int, *, offload: bool, mlp
     if mlp_chunk_tokens is not None and (not isinstance(mlp_chunk_tokens, int) or mlp_chunk_tokens < 1):
         raise ValueError(f"mlp_chunk_tokens must be None or an int >= 1, got {mlp_chunk_tokens!r}")
     n, d, h, i, k = batch * sequence, shape.compute_bytes, shape.hidden, shape.intermediate, shape.kv_width
-    layer_input, kv = n * h * d, n * k * d
+    q = shape.query_width or h
+    layer_input, query, kv = n * h * d, n * q * d, n * k * d
     on_device = min(3, shape.layers) if offload else shape.layers
     if mlp_chunk_tokens is None or mlp_chunk_tokens >= n:
-        layer_working = n * d * (5 * h + 4 * k) + n * d * (h + 7 * i) + 3 * layer_input
+        head_norms = n * d * (2 * q + 2 * k) if shape.head_norms else 0
+        layer_working = n * d * (2 * h + 3 * q + 4 * k) + head_norms + n * d * (h + 7 * i) + 3 * layer_input
     else:
-        grouped = 2 * layer_input if k < h else 0
-        attention_backward = 9 * layer_input + 4 * kv + grouped
-        mlp_backward = 7 * layer_input + 2 * kv + mlp_chunk_tokens * d * 7 * i
+        head_norm_inputs = query + kv if shape.head_norms else 0
+        grouped = 2 * query if k < q else 0
+        attention_backward = 3 * layer_input + 6 * query + 4 * kv + grouped + head_norm_inputs
+        mlp_backward = 5 * layer_input + 2 * query + 2 * kv + head_norm_inputs + mlp_chunk_tokens * d * 7 * i
         layer_working = max(attention_backward, mlp_backward)
     logits = LOGITS_CHUNK_BYTES if not shape.vocab else min(LOGITS_CHUNK_BYTES, n * shape.vocab * 4)
     terms = {
