@@ -19,6 +19,7 @@ autograd's order (the casts included), so it rounds as autograd through the modu
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 def _reference_code():
     """LlamaRMSNorm.forward's code: transformers copies that forward into its other RMSNorms."""
@@ -62,6 +63,7 @@ class _LeanRMSNorm(torch.autograd.Function):
         return out.reshape(x.shape)
 
     @staticmethod
+    @once_differentiable  # rstd is saved as a constant: a second derivative through this would be wrong
     def backward(ctx, grad_out: torch.Tensor):
         x, weight, rstd = ctx.saved_tensors
         needs_x, needs_weight = ctx.needs_input_grad[:2]
