@@ -6,7 +6,9 @@ chunks of tokens. `chunk_mlp(layer.mlp, chunk_tokens)` makes the module do exact
 chunk without keeping intermediates (only the input is saved), and the backward recomputes one chunk at a time and
 back-propagates it before the next, so the (tokens x intermediate) activations — 14,336 wide on Llama-3.1-8B,
 three or four of them with their gradients — exist for one chunk at a time. `chunk_norm` does the same for an
-RMSNorm, whose autograd graph otherwise keeps float32 copies of its whole (tokens, H) input. Parameter gradients
+RMSNorm, whose autograd graph otherwise keeps float32 copies of its whole (tokens, H) input; transformers' RMSNorms
+keep their input and a float32 rstd per token instead, and differentiate without re-running the forward
+(fusedrl.nn.lean_rms_norm). Parameter gradients
 (LoRA) accumulate chunk by chunk (float rounding of a sum in another order; identical up to that).
 
 Deferred outputs: a checkpointed layer's recompute in backward only builds the graph that its backward then walks;
@@ -27,6 +29,8 @@ import threading
 from collections.abc import Callable, Iterator
 
 import torch
+
+from fusedrl.nn.lean_rms_norm import is_transformers_rms_norm, lean_rms_norm
 
 _ORIGINAL_FORWARD = "_fusedrl_unchunked_forward"
 _DEVICE_TYPES = ("cuda", "cpu")
@@ -107,6 +111,9 @@ def _install(module: torch.nn.Module, chunk_tokens: int, deferrable: bool) -> No
     if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be an int >= 1, got {chunk_tokens!r}")
     original = module.__dict__.get(_ORIGINAL_FORWARD) or module.forward
+    # A norm that runs transformers' own RMSNorm forward gets the lean backward (no forward in backward).
+    lean_norm = (not deferrable and getattr(original, "__func__", None) is type(module).forward
+                 and is_transformers_rms_norm(module))
     # A tensor that requires grad, so the chunked node is recorded even when x does not (LoRA inside the MLP).
     anchor = torch.empty(0, requires_grad=True)
     seen: dict[str, tuple[int, torch.dtype]] = {}  # the output's (width, dtype) of the last computed pass
@@ -119,6 +126,8 @@ def _install(module: torch.nn.Module, chunk_tokens: int, deferrable: bool) -> No
             out = _chunks(x.reshape(-1, x.shape[-1]), chunk_tokens, original)
             seen["out"] = (out.shape[-1], out.dtype)
             return out.reshape(*x.shape[:-1], out.shape[-1])
+        if lean_norm and x.shape[-1] == module.weight.shape[0]:
+            return lean_rms_norm(x, module.weight, module.variance_epsilon, chunk_tokens)
         nodes = getattr(_deferral, "nodes", None)
         placeholder = seen.get("out") if deferrable and nodes is not None else None
         out = _ChunkedTokens.apply(original, chunk_tokens, placeholder, anchor, x)
