@@ -282,6 +282,178 @@ __global__ void __launch_bounds__(kThreads) decode_attention_split_kernel(Decode
   }
 }
 
+// ---- split-KV attention, key-group form (16-bit caches, up to 4 query heads per kv head: Llama-3, Qwen3) ---------
+// The tile kernel above stages keys in shared memory as float and has every warp read every key (one warp per query
+// head): four times the tile's bytes through shared memory per tile, which bounded it at ~45% of copy bandwidth at
+// batch 64 (H200). Here nothing is staged: the D / 8 lanes of a "key group" hold one key's (and value's) 16-byte
+// pieces in registers straight from global memory, compute the G dot products with shuffles inside the group, and
+// keep their own online softmax (max, sum, output slice) over the keys t = lo + group + kGroups * i; the block's
+// kGroups partial results are merged once at the end through shared memory, then written like the tile kernel's
+// (normalised output with one split, else the workspace the combine kernel reads). Two batches of kUnroll keys per
+// thread are in flight.
+template <typename T, int D, int kUnroll>
+struct KeyGroupLoads {
+  uint4 k[kUnroll], v[kUnroll];
+
+  __device__ void fetch(const T* keys, const T* values, int64_t pos_stride, int64_t t0, int64_t hi, int stride) {
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t t = t0 + static_cast<int64_t>(u) * stride;
+      if (t < hi) {
+        k[u] = __ldg(reinterpret_cast<const uint4*>(keys + t * pos_stride));
+        v[u] = __ldg(reinterpret_cast<const uint4*>(values + t * pos_stride));
+      } else {
+        k[u] = make_uint4(0u, 0u, 0u, 0u);
+        v[u] = make_uint4(0u, 0u, 0u, 0u);
+      }
+    }
+  }
+};
+
+template <typename T>
+__device__ void unpack8(const uint4& packed, float (&out)[8]) {
+  const T* e = reinterpret_cast<const T*>(&packed);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) out[i] = Conv<T>::load(e[i]);
+}
+
+template <typename T, int D, int G>
+__global__ void __launch_bounds__(kThreads) decode_attention_keygroup_kernel(DecodeAttentionParams p) {
+  static_assert(sizeof(T) == 2, "16-bit caches: one 16-byte load holds 8 elements");
+  constexpr int kLanes = D / 8;                  // lanes per key group
+  constexpr int kGroups = kThreads / kLanes;     // key groups per block
+  constexpr int kUnroll = 4;                     // keys per group per batch
+  constexpr int kStep = kGroups * kUnroll;       // keys per block per batch
+  __shared__ float max_s[kGroups][G], sum_s[kGroups][G];
+  __shared__ __align__(16) float out_s[kGroups][G][D];
+
+  const int split = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
+  const int group = static_cast<int>(p.heads / p.kv_heads);
+  const int key_group = threadIdx.x / kLanes, piece = threadIdx.x % kLanes;
+  const int64_t end = min(*p.slot + 1, p.length);  // clamped: the host cannot check a device value
+  const int64_t first = max(static_cast<int64_t>(p.start[b]), static_cast<int64_t>(0));
+  const int64_t count = end > first ? end - first : 0;
+  int64_t chunk = (count + p.splits - 1) / p.splits;
+  chunk = (chunk + kTile - 1) / kTile * kTile;
+  const int64_t lo = first + split * chunk;
+  const int64_t hi = min(end, lo + chunk);
+
+  // This lane's 8 columns of every query head of the kv head, scaled.
+  float q[G][8];
+  const T* q_row = static_cast<const T*>(p.q) + (static_cast<int64_t>(b) * p.heads + kvh * group) * D + piece * 8;
+#pragma unroll
+  for (int h = 0; h < G; ++h) {
+    if (h < group) {
+      unpack8<T>(__ldg(reinterpret_cast<const uint4*>(q_row + h * D)), q[h]);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) q[h][i] *= static_cast<float>(p.scale);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) q[h][i] = 0.f;
+    }
+  }
+  float running_max[G], running_sum[G], acc[G][8];
+#pragma unroll
+  for (int h = 0; h < G; ++h) {
+    running_max[h] = -INFINITY;
+    running_sum[h] = 0.f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[h][i] = 0.f;
+  }
+
+  const int64_t base = static_cast<int64_t>(b) * p.cache_row + kvh * p.cache_head + piece * 8;
+  const T* keys = static_cast<const T*>(p.cache_k) + base;
+  const T* values = static_cast<const T*>(p.cache_v) + base;
+  auto consume = [&](KeyGroupLoads<T, D, kUnroll>& loads, int64_t t0) {
+    float score[kUnroll][G];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      float k[8];
+      unpack8<T>(loads.k[u], k);
+#pragma unroll
+      for (int h = 0; h < G; ++h) {
+        float dot = 0.f;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) dot = fmaf(q[h][i], k[i], dot);
+#pragma unroll
+        for (int offset = kLanes / 2; offset > 0; offset /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
+        score[u][h] = t0 + u * kGroups < hi ? dot : -INFINITY;
+      }
+    }
+    float v[kUnroll][8];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) unpack8<T>(loads.v[u], v[u]);
+#pragma unroll
+    for (int h = 0; h < G; ++h) {
+      float new_max = running_max[h];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) new_max = fmaxf(new_max, score[u][h]);
+      if (new_max == -INFINITY) continue;  // no live key yet in this key group
+      const float corr = __expf(running_max[h] - new_max);  // 0 when the max was -inf
+      running_sum[h] *= corr;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[h][i] *= corr;
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const float prob = __expf(score[u][h] - new_max);  // 0 for a dead key (-inf)
+        running_sum[h] += prob;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[h][i] = fmaf(prob, v[u][i], acc[h][i]);
+      }
+      running_max[h] = new_max;
+    }
+  };
+  KeyGroupLoads<T, D, kUnroll> even, odd;
+  if (lo < hi) even.fetch(keys, values, p.cache_pos, lo + key_group, hi, kGroups);
+  if (lo + kStep < hi) odd.fetch(keys, values, p.cache_pos, lo + kStep + key_group, hi, kGroups);
+  for (int64_t t0 = lo; t0 < hi; t0 += 2 * kStep) {
+    consume(even, t0 + key_group);
+    if (t0 + 2 * kStep < hi) even.fetch(keys, values, p.cache_pos, t0 + 2 * kStep + key_group, hi, kGroups);
+    if (t0 + kStep < hi) {
+      consume(odd, t0 + kStep + key_group);
+      if (t0 + 3 * kStep < hi) odd.fetch(keys, values, p.cache_pos, t0 + 3 * kStep + key_group, hi, kGroups);
+    }
+  }
+
+  // Merge the key groups: group g's (max, sum, output slice) rescaled to the block's max.
+#pragma unroll
+  for (int h = 0; h < G; ++h) {
+    if (piece == 0) {
+      max_s[key_group][h] = running_max[h];
+      sum_s[key_group][h] = running_sum[h];
+    }
+#pragma unroll
+    for (int i = 0; i < 8; ++i) out_s[key_group][h][piece * 8 + i] = acc[h][i];
+  }
+  __syncthreads();
+  const int64_t head0 = static_cast<int64_t>(b) * p.heads + kvh * group;
+  const int64_t entries = p.batch * p.heads * p.splits;
+  for (int e = threadIdx.x; e < G * D; e += kThreads) {
+    const int h = e / D, column = e % D;
+    if (h >= group) break;  // e grows with h
+    float top = -INFINITY;
+#pragma unroll
+    for (int g = 0; g < kGroups; ++g) top = fmaxf(top, max_s[g][h]);
+    float total = 0.f, value = 0.f;
+#pragma unroll
+    for (int g = 0; g < kGroups; ++g) {
+      const float w = sum_s[g][h] > 0.f ? __expf(max_s[g][h] - top) : 0.f;
+      total = fmaf(w, sum_s[g][h], total);
+      value = fmaf(w, out_s[g][h][column], value);
+    }
+    if (p.splits == 1) {
+      static_cast<T*>(p.out)[(head0 + h) * D + column] = Conv<T>::store(total > 0.f ? value / total : 0.f);
+    } else {  // workspace: out (B*H*splits, D), then max (B*H*splits), then sum (B*H*splits)
+      const int64_t entry = (head0 + h) * p.splits + split;
+      p.workspace[entry * D + column] = value;
+      if (column == 0) {
+        p.workspace[entries * D + entry] = top;
+        p.workspace[entries * D + entries + entry] = total;
+      }
+    }
+  }
+}
+
 // Block per (row, query head), thread per output column: merges the splits' partial results.
 template <typename T, int D>
 __global__ void decode_attention_combine_kernel(DecodeAttentionParams p) {
@@ -406,7 +578,14 @@ cudaError_t launch_rms_norm(const RmsNormParams& p, cudaStream_t stream) {
 template <typename T, int D, int G>
 cudaError_t launch_attention(const DecodeAttentionParams& p, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(p.splits), static_cast<unsigned>(p.kv_heads), static_cast<unsigned>(p.batch));
-  decode_attention_split_kernel<T, D, G><<<grid, kThreads, 0, stream>>>(p);
+  bool launched = false;
+  if constexpr (sizeof(T) == 2 && G <= 4) {
+    if (reinterpret_cast<uintptr_t>(p.q) % 16 == 0) {  // the key-group kernel reads q 16 bytes at a time
+      decode_attention_keygroup_kernel<T, D, G><<<grid, kThreads, 0, stream>>>(p);
+      launched = true;
+    }
+  }
+  if (!launched) decode_attention_split_kernel<T, D, G><<<grid, kThreads, 0, stream>>>(p);
   if (p.splits > 1) {
     decode_attention_combine_kernel<T, D><<<static_cast<unsigned>(p.batch * p.heads), D, 0, stream>>>(p);
   }

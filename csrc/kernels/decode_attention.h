@@ -15,6 +15,8 @@
 //   CUDA: split-KV ("flash-decoding"): grid (splits, Hkv, B); each block serves all `group` query heads of one kv
 //   head, so every key and value is read once, over its share of [start[b], slot]; a second kernel combines the
 //   splits' (max, sum, unnormalised output) per head. float32 accumulation; the CPU reference accumulates in double.
+//   16-bit caches with up to 4 query heads per kv head (Llama-3, Qwen3) use the key-group form of the split kernel
+//   (keys in registers, no shared-memory staging; decode_attention.cu says why), everything else the tile form.
 //
 // rms_norm — transformers' LlamaRMSNorm, roundings included: out = round(w * round(x / sqrt(mean(x^2) + eps)))
 //   per row of x (M, N), in float32 (double for float64). CUDA: one block per row (M is the decode batch).
