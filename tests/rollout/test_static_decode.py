@@ -311,3 +311,5 @@ def test_cuda_capture_failure_falls_back_to_eager_decode(caplog):
     assert any("capturing the decode step failed" in record.message for record in caplog.records), caplog.text
     assert not fast.static_loop._graphs and fast.static_loop.use_cuda_graphs is False
     assert torch.equal(ours.completion_ids, slow.generate(prompts, sampling).completion_ids)
+    # The failed capture must not leave the default CUDA generator unusable (torch marks it as capturing).
+    assert torch.randint(0, 10, (4,), device="cuda").shape == (4,)

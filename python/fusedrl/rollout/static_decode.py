@@ -290,6 +290,7 @@ class StaticDecodeLoop:
             except RuntimeError as err:  # a module that syncs or allocates host memory mid-step cannot be captured
                 logger.warning("static decode: capturing the decode step failed (%s); decoding without CUDA graphs "
                                "from now on", str(err).splitlines()[0])
+                _complete_a_capture(device)
                 self._graphs.clear()
                 self.use_cuda_graphs = use_graphs = False
             self.stats["capture_s"] += time.perf_counter() - start
@@ -350,3 +351,19 @@ class StaticDecodeLoop:
         ends = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1) + 1, steps)
         length = int(ends.max())
         return tokens[:, :length].clone(), logp[:, :length].clone()
+
+
+def _complete_a_capture(device: torch.device) -> None:
+    """After a failed capture torch (2.11) leaves the device's default generator marked as capturing: the capture's
+    end raised before the generator's epilogue ran, and every later random draw on the device (a trainer's dropout,
+    `torch.randint`) raises "Offset increment outside graph capture encountered unexpectedly". A capture that
+    completes runs that epilogue."""
+    try:
+        with torch.cuda.device(device):
+            scratch = torch.zeros(1, device=device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                scratch.add_(1)
+            del graph
+    except RuntimeError as err:
+        logger.warning("static decode: could not reset the CUDA generator after the failed capture (%s)", err)
