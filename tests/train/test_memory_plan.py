@@ -36,7 +36,7 @@ def test_chunked_working_set_does_not_grow_with_the_mlp_width_times_tokens():
     assert small.terms["layer_working"] == 8 * 4096 * d * (11 * h + 4 * k)
     mlp_phase = n * d * (7 * h + 2 * k) + 4096 * d * 7 * i  # the MLP's (tokens, I) tensors for one chunk only
     assert mlp_phase < large.terms["layer_working"]
-    assert unchunked.terms["layer_working"] == n * d * (5 * h + 4 * k) + n * d * (h + 7 * i) + 3 * n * h * d
+    assert unchunked.terms["layer_working"] == n * d * (3 * h + 4 * k + 6 * i)  # H + 2Q + 4K + 6I with Q = H
     wide = estimate(dataclasses.replace(LLAMA_8B, intermediate=4 * i), 8, 32768, offload=True, mlp_chunk_tokens=4096)
     assert wide.terms["layer_working"] - large.terms["layer_working"] <= 4096 * d * 7 * 3 * i  # not n x I
 
@@ -48,11 +48,25 @@ def test_a_query_wider_than_the_hidden_size_and_head_norms_weigh_in_the_attentio
     chunked = estimate(QWEN3_4B, 8, 32784, offload=True, mlp_chunk_tokens=8192)
     assert chunked.terms["layer_working"] == n * d * (3 * h + 9 * q + 5 * k)  # 8q + 4k, + q + k of the head norms
     unchunked = estimate(QWEN3_4B, 8, 32784, offload=True, mlp_chunk_tokens=None)
-    saved_attention = n * d * (2 * h + 3 * q + 4 * k) + n * d * (2 * q + 2 * k)  # + the norms' float32 q, k
-    assert unchunked.terms["layer_working"] == saved_attention + n * d * (h + 7 * i) + 3 * n * h * d
+    head_norm_inputs = n * d * (2 * q + 2 * k)  # the unchunked per-head norms' float32 q, k
+    assert unchunked.terms["layer_working"] == n * d * (h + 2 * q + 4 * k + 6 * i) + head_norm_inputs
     as_if_llama = dataclasses.replace(QWEN3_4B, query_width=0, head_norms=False)
     assert estimate(as_if_llama, 8, 32784, offload=True, mlp_chunk_tokens=8192).terms["layer_working"] == \
         n * d * (11 * h + 4 * k)  # query width 0 means the hidden size: the Llama arithmetic
+
+
+def test_lora_input_copies_count_only_under_transformers_checkpointing():
+    """peft's LoRA over a bf16 base keeps a copy of each projection's input (cast to the float32 adapters and back);
+    fusedrl's checkpointing switches that cast off, chunked or not."""
+    width = 5 * 4096 + 4096 + 14336  # q, k, v, gate, up read H; o reads Q; down reads I
+    copying = dataclasses.replace(LLAMA_8B, lora_input_copy_width=width)
+    n, d = 8 * 4112, 2
+    plain = estimate(copying, 8, 4112, offload=False, mlp_chunk_tokens=None)
+    assert plain.terms["layer_working"] - estimate(LLAMA_8B, 8, 4112, offload=False, mlp_chunk_tokens=None).terms[
+        "layer_working"] == n * d * width
+    for offload, chunk in ((True, None), (True, 1024), (False, 1024)):
+        assert estimate(copying, 8, 4112, offload=offload, mlp_chunk_tokens=chunk).terms == \
+            estimate(LLAMA_8B, 8, 4112, offload=offload, mlp_chunk_tokens=chunk).terms
 
 
 def test_logits_chunk_is_bounded_by_the_vocabulary():
@@ -114,6 +128,11 @@ def test_model_shape_of_a_peft_model():
     assert shape.trainable_params == 2 * ((4 * 256 + 256 * 4) + (4 * 256 + 64 * 4))  # layers x (q: A, B + v: A, B)
     assert shape.compute_bytes == 2 and shape.vocab == 512
     assert shape.query_width == 256 and not shape.head_norms
+    assert shape.lora_input_copy_width == 0  # a float32 base: no 16-bit copies of LoRA inputs
+    bf16 = peft.get_peft_model(_llama(256, 2).to(torch.bfloat16), peft.LoraConfig(r=4, target_modules="all-linear"))
+    assert next(p for n, p in bf16.named_parameters() if "lora_A" in n).dtype == torch.float32  # peft's default
+    assert ModelShape.of(bf16, torch.bfloat16).lora_input_copy_width == 5 * 256 + 256 + 768  # per layer
+    assert ModelShape.of(bf16, torch.float32).lora_input_copy_width == 0
 
 
 def _qwen3(hidden: int, layers: int) -> transformers.Qwen3ForCausalLM:

@@ -9,10 +9,15 @@ layer input; QW = N*Q*d; KV = N*K*d):
   checkpoints      one layer input per layer, U each: L of them on the device without offload; with offload the
                    last layer's plus the two device slots (3);
   layer working    the peak inside one layer's recompute + backward.
-                   Unchunked (transformers' checkpointing, or fusedrl's without chunks): attention's saved tensors
-                   N*d*(2H + 3Q + 4K) (+ the float32 inputs of per-head q/k norms, N*d*(2Q + 2K)), the MLP's
-                   N*d*(H + 7I) (its input, the four saved (N, I) tensors and three of their gradients in flight)
-                   and 3U of gradients in flight.
+                   Unchunked (transformers' checkpointing, or fusedrl's without chunks), fitted to measured peaks:
+                   N*d*(H + 2Q + 4K + 6I) for attention's saved tensors, the MLP's (its input, the four saved (N, I)
+                   tensors, three of their gradients in flight) and 3U of gradients in flight (+ the float32 inputs
+                   of per-head q/k norms, N*d*(2Q + 2K)); with transformers' checkpointing also the copy of its
+                   input that each LoRA projection over a 16-bit base keeps under autocast (peft casts the input to
+                   its float32 adapters, autocast casts it back for the matmul and that copy is saved): N*d times the
+                   summed input widths of a layer's LoRA projections, 5H + Q + I with LoRA on every Llama linear,
+                   none for 4-bit layers (fusedrl's NF4, bitsandbytes') and none under fusedrl's checkpointing,
+                   which switches that no-op cast off.
                    Chunked by c tokens (fusedrl.nn.offload: MLP and norms chunked, the MLP's output deferred in the
                    recompute, no LoRA input copies): the larger of two phases —
                      attention backward: kept x_norm (U), rotated q, attention output (2QW) and rotated k, v (2KV);
@@ -55,6 +60,7 @@ class ModelShape:
     vocab: int = 0  # output vocabulary (0: unknown, the loss's logits chunk is taken at its full size)
     query_width: int = 0  # num_attention_heads * head_dim (0: the hidden size)
     head_norms: bool = False  # per-head RMSNorms on q and k inside attention (Qwen3's q_norm / k_norm)
+    lora_input_copy_width: int = 0  # per layer: summed input widths of the LoRA projections that copy their input
 
     @classmethod
     def of(cls, model: torch.nn.Module, compute_dtype: torch.dtype | None = None) -> ModelShape:
@@ -81,7 +87,26 @@ class ModelShape:
             vocab=int(getattr(config, "vocab_size", 0) or 0),
             query_width=heads * head_dim,
             head_norms=any(name.endswith(HEAD_NORM_SUFFIXES) for name, _ in model.named_modules()),
+            lora_input_copy_width=_lora_input_copy_width(model, dtype) // max(config.num_hidden_layers, 1),
         )
+
+
+def _lora_input_copy_width(model: torch.nn.Module, compute_dtype: torch.dtype) -> int:
+    """Summed input widths of the model's peft LoRA linears over a 16-bit base whose adapters are in another dtype
+    than the compute dtype: peft's `lora.Linear` casts each input to the adapters' dtype and autocast casts it back,
+    and that copy is what the adapter's matmul saves. (peft's bitsandbytes layers skip the cast under autocast;
+    fusedrl's NF4 layers never cast.)"""
+    width = 0
+    for module in model.modules():
+        if type(module).__name__ != "Linear" or type(module).__module__ != "peft.tuners.lora.layer":
+            continue
+        base = getattr(module, "base_layer", None)
+        adapters = [a.weight for a in getattr(module, "lora_A", {}).values() if hasattr(a, "weight")]
+        if (isinstance(base, torch.nn.Linear) and base.weight.is_floating_point() and base.weight.element_size() == 2
+                and getattr(module, "cast_input_dtype_enabled", True) and any(a.dtype != compute_dtype
+                                                                              for a in adapters)):
+            width += base.in_features
+    return width
 
 
 @dataclass
@@ -132,7 +157,8 @@ def estimate(shape: ModelShape, batch: int, sequence: int, *, offload: bool, mlp
     on_device = min(3, shape.layers) if offload else shape.layers
     if mlp_chunk_tokens is None or mlp_chunk_tokens >= n:
         head_norms = n * d * (2 * q + 2 * k) if shape.head_norms else 0
-        layer_working = n * d * (2 * h + 3 * q + 4 * k) + head_norms + n * d * (h + 7 * i) + 3 * layer_input
+        lora_copies = 0 if offload else n * d * shape.lora_input_copy_width  # fusedrl's checkpointing skips them
+        layer_working = n * d * (h + 2 * q + 4 * k + 6 * i) + head_norms + lora_copies
     else:
         head_norm_inputs = query + kv if shape.head_norms else 0
         grouped = 2 * query if k < q else 0
