@@ -50,6 +50,7 @@ from fusedrl.nn.chunked_mlp import (
 from fusedrl.nn.layer_working_set import chunk_layer, exact_casts_skipped, input_casting_modules, unchunk_layer
 from fusedrl.nn.recompute_graph import only_value_free_ops_above
 from fusedrl.ops import offload as offload_ops
+from fusedrl.ops.offload import arena_bytes
 
 logger = logging.getLogger("fusedrl.offload")
 
@@ -193,7 +194,7 @@ class OffloadedCheckpointing:
         keep = (arena is None or layer_index == len(self.layers) - 1 or hidden.nbytes < self.min_offload_bytes
                 or not hidden.is_contiguous())
         if not keep:
-            needed = _aligned(hidden.nbytes) * (len(self.layers) - 1)
+            needed = arena_bytes(hidden.nbytes) * (len(self.layers) - 1)
             if arena.live_entries() == 0 and arena.capacity() < needed:
                 # Room for every offloaded layer of a pass like this one, pinned once (grows only for longer passes).
                 self._reserve(arena, needed)
@@ -322,10 +323,6 @@ def _final_norm_of(model: torch.nn.Module) -> torch.nn.Module | None:
     except TypeError:
         return None
     return norm if isinstance(norm, torch.nn.Module) else None
-
-
-def _aligned(nbytes: int, alignment: int = 256) -> int:
-    return (nbytes + alignment - 1) // alignment * alignment
 
 
 def _requires_grad(value: Any) -> bool:

@@ -20,6 +20,12 @@ import torch
 from fusedrl import _ext
 
 NOT_OFFLOADED = -1  # offload_to_host's answer when the tensor stays where it is
+ENTRY_ALIGNMENT = 256  # bytes each arena entry is rounded up to (kOffloadAlignment, csrc/kernels/offload_arena.h)
+
+
+def arena_bytes(nbytes: int) -> int:
+    """The arena bytes one offloaded tensor of `nbytes` takes."""
+    return (nbytes + ENTRY_ALIGNMENT - 1) // ENTRY_ALIGNMENT * ENTRY_ALIGNMENT
 
 
 def new_arena(device: torch.device | str) -> torch.ScriptObject:

@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fusedrl.ops.offload import arena_bytes
+
 GiB = float(2**30)
 LOGITS_CHUNK_BYTES = 256 << 20  # the fused loss's chunk of logits on CUDA
 OVERHEAD = 1.05
@@ -174,7 +176,7 @@ def estimate(shape: ModelShape, batch: int, sequence: int, *, offload: bool, mlp
         "layer_working": layer_working,
         "loss": 4 * layer_input + logits + (0 if offload or mlp_chunk_tokens else 8 * n * h),
     }
-    pinned = (shape.layers - 1) * ((layer_input + 255) // 256 * 256) if offload else 0
+    pinned = (shape.layers - 1) * arena_bytes(layer_input) if offload else 0
     return MemoryPlan(tokens=n, offload=offload, mlp_chunk_tokens=mlp_chunk_tokens, terms=terms,
                       pinned_host_bytes=pinned)
 
