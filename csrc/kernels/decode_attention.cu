@@ -481,6 +481,18 @@ __global__ void decode_attention_combine_kernel(DecodeAttentionParams p) {
 // Block per row; the row is read twice (the second time from cache): sum of squares, then the normalised output.
 constexpr int kNormThreads = 256;
 
+// Every thread's partial sum of squares -> 1 / sqrt(mean + eps) of the row, for every thread of the block.
+__device__ __forceinline__ float block_inverse_rms(float sum_sq, int64_t cols, double eps) {
+  __shared__ float partial[kNormThreads / 32];
+  for (int offset = 16; offset > 0; offset /= 2) sum_sq += __shfl_xor_sync(0xffffffffu, sum_sq, offset);
+  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = sum_sq;
+  __syncthreads();
+  sum_sq = 0.f;
+#pragma unroll
+  for (int w = 0; w < kNormThreads / 32; ++w) sum_sq += partial[w];
+  return rsqrtf(sum_sq / static_cast<float>(cols) + static_cast<float>(eps));
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kNormThreads) rms_norm_kernel(RmsNormParams p) {
   const T* x = static_cast<const T*>(p.x) + blockIdx.x * p.x_row;
@@ -491,14 +503,7 @@ __global__ void __launch_bounds__(kNormThreads) rms_norm_kernel(RmsNormParams p)
     const float v = Conv<T>::load(x[i]);
     sum_sq = fmaf(v, v, sum_sq);
   }
-  __shared__ float partial[kNormThreads / 32];
-  for (int offset = 16; offset > 0; offset /= 2) sum_sq += __shfl_xor_sync(0xffffffffu, sum_sq, offset);
-  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = sum_sq;
-  __syncthreads();
-  sum_sq = 0.f;
-#pragma unroll
-  for (int w = 0; w < kNormThreads / 32; ++w) sum_sq += partial[w];
-  const float inv = rsqrtf(sum_sq / static_cast<float>(p.cols) + static_cast<float>(p.eps));
+  const float inv = block_inverse_rms(sum_sq, p.cols, p.eps);
   for (int64_t i = threadIdx.x; i < p.cols; i += kNormThreads) {
     out[i] = Conv<T>::store(__fmul_rn(Conv<T>::load(weight[i]), round_to<T>(__fmul_rn(Conv<T>::load(x[i]), inv))));
   }
@@ -528,14 +533,7 @@ __global__ void __launch_bounds__(kNormThreads) rms_norm_vec_kernel(RmsNormParam
 #pragma unroll
     for (int i = 0; i < kPer; ++i) sum_sq = fmaf(Conv<T>::load(e[i]), Conv<T>::load(e[i]), sum_sq);
   }
-  __shared__ float partial[kNormThreads / 32];
-  for (int offset = 16; offset > 0; offset /= 2) sum_sq += __shfl_xor_sync(0xffffffffu, sum_sq, offset);
-  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = sum_sq;
-  __syncthreads();
-  sum_sq = 0.f;
-#pragma unroll
-  for (int w = 0; w < kNormThreads / 32; ++w) sum_sq += partial[w];
-  const float inv = rsqrtf(sum_sq / static_cast<float>(p.cols) + static_cast<float>(p.eps));
+  const float inv = block_inverse_rms(sum_sq, p.cols, p.eps);
 #pragma unroll
   for (int j = 0; j < kVecs; ++j) {
     const int64_t v = threadIdx.x + j * kNormThreads;
