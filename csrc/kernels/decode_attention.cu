@@ -125,6 +125,21 @@ struct TileLoader {
   }
 };
 
+// The keys [lo, hi) that split `split` of row b attends: [start[b], slot] in `splits` shares of whole tiles.
+struct KeyRange {
+  int64_t lo, hi;
+};
+
+__device__ __forceinline__ KeyRange split_key_range(const DecodeAttentionParams& p, int b, int split) {
+  const int64_t end = min(*p.slot + 1, p.length);  // clamped: the host cannot check a device value
+  const int64_t first = max(static_cast<int64_t>(p.start[b]), static_cast<int64_t>(0));
+  const int64_t count = end > first ? end - first : 0;
+  int64_t chunk = (count + p.splits - 1) / p.splits;
+  chunk = (chunk + kTile - 1) / kTile * kTile;
+  const int64_t lo = first + split * chunk;
+  return {lo, min(end, lo + chunk)};
+}
+
 template <typename T, int D, int G>
 __global__ void __launch_bounds__(kThreads) decode_attention_split_kernel(DecodeAttentionParams p) {
   constexpr int kHeadsPerWarp = (G + kWarps - 1) / kWarps;  // score phase: warp w owns heads w + kWarps * j
@@ -140,13 +155,8 @@ __global__ void __launch_bounds__(kThreads) decode_attention_split_kernel(Decode
   const int split = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
   const int group = static_cast<int>(p.heads / p.kv_heads);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int64_t end = min(*p.slot + 1, p.length);  // clamped: the host cannot check a device value
-  const int64_t first = max(static_cast<int64_t>(p.start[b]), static_cast<int64_t>(0));
-  const int64_t count = end > first ? end - first : 0;
-  int64_t chunk = (count + p.splits - 1) / p.splits;
-  chunk = (chunk + kTile - 1) / kTile * kTile;
-  const int64_t lo = first + split * chunk;
-  const int64_t hi = min(end, lo + chunk);
+  const KeyRange keys_of_split = split_key_range(p, b, split);
+  const int64_t lo = keys_of_split.lo, hi = keys_of_split.hi;
 
   const T* q = static_cast<const T*>(p.q) + (static_cast<int64_t>(b) * p.heads + kvh * group) * D;
   for (int e = threadIdx.x; e < G * D; e += kThreads) {
@@ -330,13 +340,8 @@ __global__ void __launch_bounds__(kThreads) decode_attention_keygroup_kernel(Dec
   const int split = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
   const int group = static_cast<int>(p.heads / p.kv_heads);
   const int key_group = threadIdx.x / kLanes, piece = threadIdx.x % kLanes;
-  const int64_t end = min(*p.slot + 1, p.length);  // clamped: the host cannot check a device value
-  const int64_t first = max(static_cast<int64_t>(p.start[b]), static_cast<int64_t>(0));
-  const int64_t count = end > first ? end - first : 0;
-  int64_t chunk = (count + p.splits - 1) / p.splits;
-  chunk = (chunk + kTile - 1) / kTile * kTile;
-  const int64_t lo = first + split * chunk;
-  const int64_t hi = min(end, lo + chunk);
+  const KeyRange keys_of_split = split_key_range(p, b, split);
+  const int64_t lo = keys_of_split.lo, hi = keys_of_split.hi;
 
   // This lane's 8 columns of every query head of the kv head, scaled.
   float q[G][8];
