@@ -7,7 +7,7 @@ import torch
 
 from fusedrl.model import LoraConfig
 from fusedrl.model.hidden import position_ids_from_mask
-from fusedrl.model.load import enable_activation_checkpointing
+from fusedrl.model.checkpointing import enable_activation_checkpointing
 from fusedrl.model.tiny import tiny_model_from_tokenizer, tiny_word_tokenizer
 from fusedrl.rollout import BuiltinEngine, RolloutEngine, RolloutOutput, SamplingConfig
 

@@ -62,7 +62,7 @@ def load_fast_inference_model(
     seed: int = 0,
 ) -> torch.nn.Module:
     """The peft training model sharing vLLM's weights, with `model.vllm_engine` attached."""
-    from fusedrl.model.load import enable_activation_checkpointing
+    from fusedrl.model.checkpointing import enable_activation_checkpointing
     from fusedrl.model.shared_weights import SharedWeights, build_shared_model
     from fusedrl.rollout.vllm_engine import VLLMEngine
     from fusedrl.rollout.vllm_lora import vllm_max_lora_rank

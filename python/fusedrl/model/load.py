@@ -16,6 +16,7 @@ import peft
 import torch
 import transformers
 
+from fusedrl.model.checkpointing import enable_activation_checkpointing
 from fusedrl.model.lora import LoraConfig
 from fusedrl.model.quantize import bnb_4bit_settings, load_prequantized, quantize_linear_layers
 from fusedrl.nn.nf4_lora import nf4_lora_config
@@ -80,15 +81,6 @@ def _sync_pad_token(model: transformers.PreTrainedModel, tokenizer: transformers
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-
-
-def enable_activation_checkpointing(model: transformers.PreTrainedModel) -> None:
-    """Non-reentrant activation checkpointing of every decoder layer (newer transformers renamed the method)."""
-    enable = getattr(model, "activation_checkpointing_enable", None)
-    if callable(enable):
-        enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
