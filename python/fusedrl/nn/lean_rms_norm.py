@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+
 def _reference_code():
     """LlamaRMSNorm.forward's code: transformers copies that forward into its other RMSNorms."""
     try:

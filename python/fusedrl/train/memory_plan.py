@@ -27,6 +27,12 @@ layer input; QW = N*Q*d; KV = N*K*d):
                      with per-head q/k norms (Qwen3) the q/k projections' outputs their chunked norms keep (QW + KV);
                      MLP backward: the kept attention tensors and the two residual-stream ones (3U + 2QW + 2KV, + QW
                      + KV with head norms), the output and input gradients (2U) and one chunk's MLP tensors c*d*7I;
+  loss             the final-norm input and output, the completion hidden states' contiguous copy and the fused
+                   op's (N, H) gradient direction: 4U, plus one chunk of float32 logits (256 MiB, or N x vocab when
+                   smaller); with transformers' own checkpointing also the two float32 (N, H) copies its RMSNorm
+                   saves (fusedrl's checkpointing chunks the final norm instead);
+  engine           the rollout engine's KV cache when it is not freed during training (passed in);
+  overhead         5% for allocator rounding and fragmentation.
 peak = weights + optimizer + engine + checkpoints + max(layer working, loss), times the overhead factor.
 The estimate is checked against measured peaks (tests/train/test_memory_plan.py on CUDA, bench/bench_step.py).
 """
