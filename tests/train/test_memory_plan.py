@@ -64,7 +64,7 @@ def test_lora_input_copies_count_only_under_transformers_checkpointing():
     plain = estimate(copying, 8, 4112, offload=False, mlp_chunk_tokens=None)
     assert plain.terms["layer_working"] - estimate(LLAMA_8B, 8, 4112, offload=False, mlp_chunk_tokens=None).terms[
         "layer_working"] == n * d * width
-    for offload, chunk in ((True, None), (True, 1024), (False, 1024)):
+    for offload, chunk in ((True, None), (True, 1024), (False, 1024), (False, 65536)):  # 65536: one chunk, unchunked
         assert estimate(copying, 8, 4112, offload=offload, mlp_chunk_tokens=chunk).terms == \
             estimate(LLAMA_8B, 8, 4112, offload=offload, mlp_chunk_tokens=chunk).terms
 

@@ -165,7 +165,8 @@ def estimate(shape: ModelShape, batch: int, sequence: int, *, offload: bool, mlp
     on_device = min(3, shape.layers) if offload else shape.layers
     if mlp_chunk_tokens is None or mlp_chunk_tokens >= n:
         head_norms = n * d * (2 * q + 2 * k) if shape.head_norms else 0
-        lora_copies = 0 if offload else n * d * shape.lora_input_copy_width  # fusedrl's checkpointing skips them
+        fusedrl_checkpointing = offload or mlp_chunk_tokens is not None  # it switches peft's input cast off
+        lora_copies = 0 if fusedrl_checkpointing else n * d * shape.lora_input_copy_width
         layer_working = n * d * (h + 2 * q + 4 * k + 6 * i) + head_norms + lora_copies
     else:
         head_norm_inputs = query + kv if shape.head_norms else 0
