@@ -583,7 +583,7 @@ cudaError_t launch_attention(const DecodeAttentionParams& p, cudaStream_t stream
   const dim3 grid(static_cast<unsigned>(p.splits), static_cast<unsigned>(p.kv_heads), static_cast<unsigned>(p.batch));
   bool launched = false;
   if constexpr (sizeof(T) == 2 && G <= 4) {
-    if (reinterpret_cast<uintptr_t>(p.q) % 16 == 0) {  // the key-group kernel reads q 16 bytes at a time
+    if (aligned16(p.q)) {  // the key-group kernel reads q 16 bytes at a time
       decode_attention_keygroup_kernel<T, D, G><<<grid, kThreads, 0, stream>>>(p);
       launched = true;
     }
